@@ -1,0 +1,528 @@
+"""Reading the Kaggle files, decoding the faces once, batch augmentation, and the synthetic demo data.
+
+    python dataset.py --demo data/demo          # write the synthetic Kaggle-layout demo folder
+    python dataset.py --demo data/demo --n 3000 # a bigger one
+
+The other scripts import from here: the CSV parsers (Kaggle writes list literals, `#NAME?` and
+numpy-printed arrays), the image cache (every image decoded once into one uint8 array), the
+person-grouped folds, and `to_model_input`, the ONE preprocessing path used by training,
+validation, cross-validation and prediction.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SIZE = 100  # the Kaggle crops are 100x100; the cache always holds this size
+LABEL_COLUMNS = ['ID', 'dob', 'dob_str', 'photo_taken', 'full_path', 'gender', 'name',
+                 'face_location', 'face_score', 'second_face_score', 'age']
+JUDGE_COLUMNS = ['ID', 'full_path']
+CLEAN_COLUMNS = ['ID', 'path', 'age', 'gender', 'face_score', 'second_face_score', 'person', 'name']
+
+
+class DataError(Exception):
+    """Bad input files: the message names the file, row or column. Scripts print it and exit 1."""
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_atomic(path, write):
+    """Call write(tmp_path), then rename onto path: a crash or a dropped SSH session never leaves
+    half a file where a finished one is expected."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{os.getpid()}{ext}'  # keep the extension: np.savez and PIL go by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(df, path):
+    write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_json(obj, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+            f.write('\n')
+    write_atomic(path, write)
+
+
+def find_files(data_dir):
+    """Paths of the Kaggle files under data_dir, accepting the nested (wiki_labeled/wiki_labeled/)
+    and the flat (wiki_labeled/) unzip layouts. Missing entries are None."""
+    def folder(name):
+        for candidate in (os.path.join(data_dir, name, name), os.path.join(data_dir, name)):
+            if os.path.isdir(candidate):
+                return candidate
+        return None
+
+    def file(name):
+        path = os.path.join(data_dir, name)
+        return path if os.path.isfile(path) else None
+
+    if not os.path.isdir(data_dir):
+        raise DataError(f'data folder {data_dir} does not exist')
+    return {'labels': file('wiki_labels.csv'), 'images': folder('wiki_labeled'),
+            'judge': file('wiki_judge.csv'), 'judge_images': folder('wiki_judge_images'),
+            'sample_submission': file('sample_submission.csv')}
+
+
+def require(files, data_dir, *keys):
+    looked_for = {'labels': 'wiki_labels.csv',
+                  'images': 'wiki_labeled/wiki_labeled/ or wiki_labeled/',
+                  'judge': 'wiki_judge.csv',
+                  'judge_images': 'wiki_judge_images/wiki_judge_images/ or wiki_judge_images/'}
+    missing = [looked_for[k] for k in keys if files[k] is None]
+    if missing:
+        raise DataError(f'{data_dir} lacks ' + ', '.join(missing) + ' (unpack the Kaggle zip there, '
+                        'or run `python train.py --demo` for synthetic data)')
+
+
+# ----------------------------------------------------------------------------- CSV parsing
+
+def parse_list(text):
+    """Kaggle's Python-list literals: "['17/x.png']" -> '17/x.png', '[]' -> ''."""
+    text = str(text).strip()
+    if text.startswith('[') and text.endswith(']'):
+        text = text[1:-1].strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+        text = text[1:-1]
+    return text
+
+
+def parse_float(text):
+    """A number written as text: '#NAME?' (Excel's mangled -inf) and '-inf' are -inf, '' is NaN."""
+    text = str(text).strip()
+    if text in ('', 'nan', 'NaN'):
+        return math.nan
+    if text in ('#NAME?', '-inf', '-Inf'):
+        return -math.inf
+    try:
+        return float(text)
+    except ValueError:
+        return None  # the caller names the row
+
+
+def parse_face_location(text):
+    """numpy's print format with varying spaces: '[[111.29 111.29 252.67 252.67]]' -> 4 floats."""
+    numbers = re.findall(r'[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?', str(text))
+    return [float(n) for n in numbers[:4]] if len(numbers) >= 4 else None
+
+
+def read_csv_strict(path, columns):
+    """Read a CSV as text. Names the file and the problem: missing file or columns, empty file,
+    a row with too few fields (a file cut off mid-row)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding='utf-8')
+    except FileNotFoundError:
+        raise DataError(f'{path}: file not found') from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f'{path}: the file is empty') from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: cannot parse as CSV ({e})') from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found {", ".join(df.columns)}')
+    if len(df) == 0:
+        raise DataError(f'{path}: has a header but no rows')
+    short = df[columns].isna().any(axis=1).to_numpy()  # pandas fills the fields a short row lacks with NaN
+    if short.any():
+        i = int(np.flatnonzero(short)[0])
+        raise DataError(f'{path}: row {i + 2} (line {i + 2}) has fewer fields than the header '
+                        f'(is the file truncated?): {",".join(df.iloc[i].dropna())}')
+    return df
+
+
+def parse_column(df, column, path, allow_nan=True):
+    values = [parse_float(v) for v in df[column]]
+    for i, v in enumerate(values):
+        if v is None or (not allow_nan and math.isnan(v)):
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a number')
+    return np.array(values, dtype=np.float64)
+
+
+def read_labels(path):
+    """wiki_labels.csv exactly as Kaggle ships it -> one plain table (CLEAN_COLUMNS plus extras)."""
+    df = read_csv_strict(path, LABEL_COLUMNS)
+    out = pd.DataFrame({
+        'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+        'path': [parse_list(p) for p in df['full_path']],
+        'age': parse_column(df, 'age', path),
+        'gender': parse_column(df, 'gender', path),
+        'face_score': parse_column(df, 'face_score', path),
+        'second_face_score': parse_column(df, 'second_face_score', path),
+        'name': [parse_list(n) for n in df['name']],
+        'photo_taken': df['photo_taken'],
+        'face_location': df['face_location'],
+    })
+    out['person'] = person_keys(out['name'], out['path'])
+    return out
+
+
+def person_keys(names, paths):
+    """Group by name, falling back to the wiki person id at the start of the file name."""
+    ids = [os.path.basename(p).split('_')[0] for p in paths]
+    return [f'name:{n}' if n else f'id:{i}' for n, i in zip(names, ids)]
+
+
+def read_clean(path):
+    """The CSV that clean_data.py writes."""
+    df = read_csv_strict(path, CLEAN_COLUMNS)
+    out = pd.DataFrame({
+        'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+        'path': df['path'],
+        'age': parse_column(df, 'age', path, allow_nan=False),
+        'gender': parse_column(df, 'gender', path),
+        'face_score': parse_column(df, 'face_score', path),
+        'second_face_score': parse_column(df, 'second_face_score', path),
+        'person': df['person'],
+        'name': df['name'],
+    })
+    return out
+
+
+def read_judge(path):
+    """wiki_judge.csv: ID and image file name (the other columns are optional metadata)."""
+    df = read_csv_strict(path, JUDGE_COLUMNS)
+    return pd.DataFrame({'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+                         'path': [parse_list(p) for p in df['full_path']]})
+
+
+# ----------------------------------------------------------------------------- images
+
+def decode_image(path):
+    """One face as a (100, 100) uint8 array, or None. Returns (array, problem): problem is None,
+    'missing', 'unreadable: ...', or for an image we could still use, 'converted: ...'."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode for real: a truncated file fails here, not at open()
+            note = []
+            if im.mode != 'L':
+                note.append(f'mode {im.mode}')
+                im = im.convert('L')
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                note.append(f'size {im.size[0]}x{im.size[1]}')
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
+    except FileNotFoundError:
+        return None, 'missing'
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f'unreadable: {type(e).__name__}: {e}'.strip()
+
+
+def decode_all(paths, workers=None):
+    """Decode many images on threads (Pillow releases the GIL while decoding PNGs).
+    Returns images (N, 100, 100) uint8 (zeros where unreadable) and a list of problems."""
+    images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    problems = [None] * len(paths)
+
+    def work(i):
+        array, problems[i] = decode_image(paths[i])
+        if array is not None:
+            images[i] = array
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(work, range(len(paths)), chunksize=64))
+    return images, problems
+
+
+def cache_path(csv_path, rel_paths):
+    key = hashlib.sha1(f'{IMAGE_SIZE}\n'.encode() + '\n'.join(rel_paths).encode()).hexdigest()[:12]
+    return f'{os.path.splitext(csv_path)[0]}.images-{key}.npz'
+
+
+def load_images(csv_path, table, image_root, log=print):
+    """All images of a clean table as one (N, 100, 100) uint8 array, decoded once and cached next to
+    the CSV (the key changes with the rows, so an edited CSV rebuilds it).
+    Returns (images, ok) where ok[i] is False for an image that could not be read."""
+    rel_paths = list(table['path'])
+    cache = cache_path(csv_path, rel_paths)
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            return f['images'], f['ok']
+    log(f'decoding {len(rel_paths)} images from {image_root} (once; cached in {cache})')
+    images, problems = decode_all([os.path.join(image_root, p) for p in rel_paths])
+    ok = np.array([p is None or p.startswith('converted') for p in problems])
+    save_cache(csv_path, rel_paths, images, ok, log)
+    return images, ok
+
+
+def save_cache(csv_path, rel_paths, images, ok, log=print):
+    """Write the decoded images next to the CSV and drop caches of earlier versions of it."""
+    cache = cache_path(csv_path, rel_paths)
+    folder = os.path.dirname(os.path.abspath(cache))
+    stem = os.path.basename(os.path.splitext(csv_path)[0]) + '.images-'
+    try:
+        write_atomic(cache, lambda tmp: np.savez(tmp, images=images, ok=ok))
+        for old in os.listdir(folder):
+            if old.startswith(stem) and old.endswith('.npz') and old != os.path.basename(cache):
+                os.remove(os.path.join(folder, old))
+    except OSError as e:
+        log(f'warning: could not write the image cache {cache} ({e}); decoding again next time')
+
+
+# ----------------------------------------------------------------------------- folds
+
+def person_folds(person, age, k, seed):
+    """Fold number for every row: no person in two folds, each fold with a similar age mix and size.
+
+    Persons are sorted by their median age and dealt out in blocks of k (after a seeded shuffle,
+    so equal ages break ties at random); inside a block the biggest person goes to the smallest
+    fold. Grouping matters because the same face in train and validation makes validation lie."""
+    frame = pd.DataFrame({'person': np.asarray(person), 'age': np.asarray(age, dtype=float)})
+    groups = frame.groupby('person', sort=True)['age'].agg(['median', 'size'])
+    rng = np.random.default_rng(seed)
+    groups['tie'] = rng.permutation(len(groups))
+    groups = groups.sort_values(['median', 'tie'])
+    fold_of = {}
+    fold_size = np.zeros(k, dtype=np.int64)
+    names, sizes = groups.index.to_numpy(), groups['size'].to_numpy()
+    for start in range(0, len(groups), k):
+        block = sorted(range(start, min(start + k, len(groups))), key=lambda i: -sizes[i])
+        free = sorted(range(k), key=lambda f: (fold_size[f], rng.random()))
+        for i, f in zip(block, free):
+            fold_of[names[i]] = f
+            fold_size[f] += sizes[i]
+    return frame['person'].map(fold_of).to_numpy(dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+# ImageNet statistics for 3-channel backbones; grey inputs to the 1-channel CNN use their luma.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = 0.449, 0.226
+
+
+def augment_params(n, generator, device):
+    """Fresh random parameters for every image of a batch (torchvision's v2 transforms draw one
+    set per batch): crop scale and aspect, position, rotation, flip, brightness, contrast."""
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+    area, aspect = uniform(0.70, 1.0), torch.exp(uniform(math.log(0.9), math.log(1.1)))
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    return {'w': w, 'h': h, 'cx': uniform(-1, 1) * (1 - w), 'cy': uniform(-1, 1) * (1 - h),
+            'angle': uniform(-10, 10) * math.pi / 180,
+            'flip': torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0),
+            'brightness': uniform(0.8, 1.2), 'contrast': uniform(0.8, 1.2)}
+
+
+def to_model_input(x, size, channels, generator=None, flip=False):
+    """uint8 faces (B, 100, 100) on any device -> normalised float (B, channels, size, size).
+
+    With a generator: random resized crop, flip, rotation and colour jitter, each image its own,
+    composed into one affine warp (one grid_sample for the whole batch). Without: a plain resize,
+    the same for validation, CV and prediction. flip=True mirrors every image (test-time aug)."""
+    x = x.unsqueeze(1).float().div_(255)
+    n = x.shape[0]
+    if generator is not None:
+        p = augment_params(n, generator, x.device)
+        cos, sin = p['angle'].cos(), p['angle'].sin()
+        theta = torch.stack([torch.stack([p['w'] * p['flip'] * cos, -p['h'] * sin, p['cx']], 1),
+                             torch.stack([p['w'] * p['flip'] * sin, p['h'] * cos, p['cy']], 1)], 1)
+        grid = F.affine_grid(theta, (n, 1, size, size), align_corners=False)
+        x = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * p['contrast'].view(-1, 1, 1, 1) + mean) * p['brightness'].view(-1, 1, 1, 1)
+        x = x.clamp_(0, 1)
+    elif size != IMAGE_SIZE:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=False)
+    if flip:
+        x = x.flip(-1)
+    if channels == 3:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std  # broadcasting repeats the grey channel
+    return (x - GREY_MEAN) / GREY_STD
+
+
+# ----------------------------------------------------------------------------- synthetic demo data
+
+FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
+         'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']
+LAST = ['Novák', 'Jauhojärvi', 'García', 'Smith', "O'Neil", 'Müller', 'Rossi', 'Kowalski', 'Ito',
+        'Dubois', 'Hansen', 'Silva', 'Nowak', 'Brown', 'Lindqvist', 'Petrov', 'Costa', 'Yılmaz']
+
+
+def draw_face(rng, age, male):
+    """A 100x100 grey face whose age shows in the pixels: proportions (children have rounder faces,
+    bigger eyes set lower), greying and receding hair, forehead and eye wrinkles, sagging jaw;
+    gender shows in hair length and beard."""
+    bg = int(rng.integers(40, 210))
+    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(im)
+    grow = min(age, 18) / 18
+    old = float(np.clip((age - 30) / 50, 0, 1))
+    cx, cy = 50 + rng.normal(0, 2.5), 53 + rng.normal(0, 2.5)
+    fw = 27 + 7 * grow + rng.normal(0, 1.5)
+    fh = fw * (1.02 + 0.22 * grow + (0.05 if male else 0) + rng.normal(0, 0.03))
+    skin = int(np.clip(rng.normal(170, 22) - 15 * old, 80, 235))
+    hair = float(np.clip(rng.normal(55, 30), 10, 150))
+    grey = float(np.clip((age - 28) / 45 + rng.normal(0, 0.08), 0, 1))
+    hair = int(hair + (225 - hair) * grey)
+    if not male:  # long hair falls behind the face
+        d.rounded_rectangle([cx - fw - 6, cy - fh - 4, cx + fw + 6, cy + fh * (0.8 + rng.random() * 0.5)],
+                            radius=14, fill=hair)
+    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
+    recede = old * (0.6 if male else 0.15) * fh * rng.random() ** 0.5
+    d.chord([cx - fw - 2, cy - fh - 5 - recede * 0.2, cx + fw + 2, cy - fh * 0.15 + (0 if male else 6) - recede],
+            180, 360, fill=hair)
+    eye_y = cy - fh * (0.05 + 0.17 * grow)
+    eye_r = 4.6 - 1.7 * grow + rng.normal(0, 0.3)
+    for side in (-1, 1):
+        ex = cx + side * fw * 0.42
+        d.ellipse([ex - eye_r * 1.4, eye_y - eye_r, ex + eye_r * 1.4, eye_y + eye_r], fill=235)
+        d.ellipse([ex - eye_r * 0.6, eye_y - eye_r * 0.6, ex + eye_r * 0.6, eye_y + eye_r * 0.6], fill=25)
+        for k in range(int(round(old * 3 + rng.normal(0, 0.4)))):  # crow's feet
+            y = eye_y - 2 + 2.5 * k
+            d.line([ex + side * eye_r * 1.6, y, ex + side * (eye_r * 1.6 + 5), y + (k - 1) * 2],
+                   fill=max(0, skin - 70), width=1)
+        if age > 45:  # bags under the eyes
+            d.arc([ex - eye_r * 1.4, eye_y, ex + eye_r * 1.4, eye_y + eye_r * 2.2], 20, 160,
+                  fill=max(0, skin - 50), width=1)
+    for k in range(int(round((age - 22) / 9 + rng.normal(0, 0.5)))):  # forehead lines
+        y = eye_y - 8 - 3 * k
+        if y < cy - fh + 4:
+            break
+        d.arc([cx - fw * 0.6, y, cx + fw * 0.6, y + 5], 200, 340, fill=max(0, skin - 45 - 5 * k), width=1)
+    nose_y = cy + fh * (0.12 + 0.05 * grow)
+    d.line([cx, eye_y + 4, cx - 2, nose_y], fill=skin - 40, width=1)
+    mouth_y = cy + fh * (0.42 + 0.06 * old)
+    mw = fw * (0.32 + 0.1 * grow)
+    d.arc([cx - mw, mouth_y - 4, cx + mw, mouth_y + 3 - 4 * old], 10, 170, fill=90, width=2)
+    if age > 35:  # nasolabial folds
+        for side in (-1, 1):
+            d.line([cx + side * 6, nose_y + 1, cx + side * (mw + 3), mouth_y + 2],
+                   fill=max(0, skin - int(25 + 35 * old)), width=1)
+    if male and age > 18 and rng.random() < 0.35:
+        d.chord([cx - fw * 0.85, mouth_y - 6, cx + fw * 0.85, cy + fh + 2], 0, 180, fill=hair)
+    im = im.rotate(rng.normal(0, 4), resample=Image.BILINEAR, fillcolor=bg)
+    im = im.filter(ImageFilter.GaussianBlur(0.6))
+    a = np.asarray(im, dtype=np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 6, im.size)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def draw_clutter(rng):
+    """What a `#NAME?` row often shows: no detectable face."""
+    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), int(rng.integers(0, 255)))
+    d = ImageDraw.Draw(im)
+    for _ in range(6):
+        box = sorted(rng.integers(0, 100, 2)), sorted(rng.integers(0, 100, 2))
+        d.rectangle([box[0][0], box[1][0], box[0][1], box[1][1]], fill=int(rng.integers(0, 255)))
+    return np.asarray(im)
+
+
+def datenum(date):
+    return date.toordinal() + 366  # Matlab's day count starts a year earlier than Python's
+
+
+def make_demo_data(root, n=1500, n_judge=300, seed=0):
+    """A complete Kaggle-layout folder with drawn faces and real-world dirt at realistic rates."""
+    rng = np.random.default_rng(seed)
+    label_dir = os.path.join(root, 'wiki_labeled', 'wiki_labeled')
+    judge_dir = os.path.join(root, 'wiki_judge_images', 'wiki_judge_images')
+    rows, person = [], 0
+    while len(rows) < n:
+        person += 1
+        pid = int(rng.integers(10_000, 50_000_000))
+        male = rng.random() < 0.78
+        initial = chr(ord('A') + int(rng.integers(0, 26)))
+        name = f"['{rng.choice(FIRST)} {initial}. {rng.choice(LAST)}']" if rng.random() > 0.02 else '[]'
+        birth = datetime.date(1900, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 29_000)))
+        base_age = float(np.clip(14 + rng.gamma(2.0, 11.0) if rng.random() > 0.08 else rng.uniform(1, 14), 1, 99))
+        first_year = min(birth.year + int(round(base_age)), 2015)
+        for year in sorted(set(first_year - rng.integers(0, 8, 1 + rng.poisson(0.35)))):
+            year = int(year)
+            age = (datenum(datetime.date(year, 2, 1)) - datenum(birth)) / 365.25
+            rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year, age=max(age, 0.0)))
+    rows = rows[:n]
+    records = []
+    for i, r in enumerate(rows):
+        ID = 2002 + i
+        dob = datenum(r['birth'])
+        age = r['age']
+        u = rng.random()
+        if u < 0.01:
+            age = 0.0  # photo year before birth, clipped to 0 as in the real data
+        elif u < 0.02:
+            age = float(rng.uniform(101, 790))  # nonsense birth dates
+        no_face = rng.random() < 0.28
+        second = (not no_face) and rng.random() < 0.06
+        gender = '' if rng.random() < 0.04 else ('1.0' if r['male'] else '0.0')
+        rel = f"{r['pid'] % 100:02d}/{r['pid']}_{r['birth'].isoformat()}_{r['year']}.png"
+        img = draw_clutter(rng) if no_face else draw_face(rng, min(max(r['age'], 1), 100), r['male'])
+        if second:  # a smaller second face in a corner
+            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)), rng.random() < 0.5)).resize((40, 40))
+            img = img.copy()
+            img[:40, 60:] = np.asarray(small)
+        os.makedirs(os.path.join(label_dir, rel[:2]), exist_ok=True)
+        Image.fromarray(img).save(os.path.join(label_dir, rel))
+        if no_face:
+            location, score = '[[1 1 1 1]]', '#NAME?'
+        else:
+            x0, y0 = rng.uniform(20, 300, 2)
+            s = rng.uniform(60, 250)
+            location = f'[[{x0:.5f} {y0:.6g} {x0 + s:.5f} {y0 + s:.6g}]]'
+            score = f'{rng.uniform(0.3, 6.5):.9f}'
+        records.append({'ID': ID, 'dob': dob, 'dob_str': f"['{r['birth'].strftime('%d-%b-%Y')}']",
+                        'photo_taken': r['year'], 'full_path': f"['{rel}']", 'gender': gender,
+                        'name': r['name'], 'face_location': location, 'face_score': score,
+                        'second_face_score': f'{rng.uniform(0.5, 4):.9f}' if second else '',
+                        'age': round(age, 6)})
+    # One file that never made it out of the zip, one that was cut short.
+    missing, corrupt = records[7]['full_path'], records[11]['full_path']
+    os.remove(os.path.join(label_dir, parse_list(missing)))
+    with open(os.path.join(label_dir, parse_list(corrupt)), 'r+b') as f:
+        f.truncate(200)
+    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
+
+    ids = np.sort(rng.choice(np.arange(1, int(n_judge * 1.42) + 1), n_judge, replace=False))
+    judge, answers = [], []
+    os.makedirs(judge_dir, exist_ok=True)
+    for ID in ids:
+        male = rng.random() < 0.78
+        age = float(np.clip(14 + rng.gamma(2.0, 11.0), 1, 99))
+        Image.fromarray(draw_face(rng, age, male)).save(os.path.join(judge_dir, f'{ID}.png'))
+        judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']",
+                      'gender': '' if rng.random() < 0.02 else ('1.0' if male else '0.0'),
+                      'face_score': repr(float(rng.uniform(1, 6.5))) if rng.random() > 0.01 else '-inf',
+                      'second_face_score': ''})
+        answers.append({'ID': int(ID), 'age': round(age, 3)})
+    write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
+    # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
+    write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
+    return root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--demo', required=True, metavar='DIR', help='write the synthetic demo folder here')
+    parser.add_argument('--n', type=int, default=1500, help='labelled rows')
+    parser.add_argument('--n-judge', type=int, default=300, help='test rows')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    if os.path.exists(os.path.join(args.demo, 'wiki_labels.csv')):
+        parser.error(f'{args.demo} already holds a data set; choose another folder')
+    make_demo_data(args.demo, args.n, args.n_judge, args.seed)
+    print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.demo}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The two models: `cnn`, the plain baseline a course writes first, and `resnet50` (torchvision,
+ImageNet-pretrained when the weights are on disk) with a one-number regression head.
+
+    python models.py                 # parameter counts and output shapes of both
+
+Both predict the age standardised by the training set's mean and standard deviation, which are
+stored in the model as buffers, so a checkpoint alone maps outputs back to years.
+"""
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torchvision
+
+MODELS = ('cnn', 'resnet50')
+MIN_SIZE = {'cnn': 32, 'resnet50': 32}  # below this the feature maps vanish
+INPUT_CHANNELS = {'cnn': 1, 'resnet50': 3}  # ImageNet backbones expect RGB: grey is repeated
+
+
+class WeightsError(Exception):
+    """--weights cannot be honoured; the message says what to do instead."""
+
+
+class AgeRegressor(nn.Module):
+    """backbone(x) -> one standardised age per image; `ages()` maps to years."""
+
+    def __init__(self, backbone, y_mean=0.0, y_std=1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer('y_mean', torch.tensor(float(y_mean)))
+        self.register_buffer('y_std', torch.tensor(float(y_std)))
+
+    def forward(self, x):
+        return self.backbone(x).squeeze(1)
+
+    def ages(self, out):
+        return out.float() * self.y_std + self.y_mean
+
+
+def cnn():
+    """Four conv-BN-ReLU-pool blocks, global average pooling and a linear head: the baseline."""
+    layers, c_in = [], 1
+    for c_out in (32, 64, 128, 256):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                   nn.MaxPool2d(2)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, 1))
+
+
+def imagenet_cache_file():
+    """Where torchvision's weights API looks for the ResNet-50 ImageNet weights (torch hub cache)."""
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+
+
+def load_weights_file(path):
+    """A state dict from --weights FILE: torchvision's .pth, or one of this project's checkpoints.
+    weights_only=True: a file that carries pickled code is refused, and nothing in it runs."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f'--weights {path}: file not found') from None
+    except Exception as e:  # UnpicklingError for crafted files, RuntimeError for junk
+        raise WeightsError(f'--weights {path}: not a plain weights file ({type(e).__name__}); refusing to '
+                           'load it (files that carry Python objects could run code)') from None
+    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
+        state = {k.removeprefix('backbone.'): v for k, v in state['model'].items()
+                 if k.startswith('backbone.')}  # one of our checkpoints: reuse its backbone
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f'--weights {path}: expected a state dict of tensors')
+    return state
+
+
+def resnet50(weights='imagenet'):
+    """torchvision's ResNet-50 with its 1000-class layer replaced by one output."""
+    net = torchvision.models.resnet50(weights=None)
+    if weights == 'imagenet':
+        cache = imagenet_cache_file()
+        if not os.path.exists(cache):  # never download: lab machines and CI may be offline
+            raise WeightsError(
+                f'ImageNet weights for resnet50 are not in the torch hub cache: expected {cache}.\n'
+                '  Download them once on a machine with internet: python -c "import torchvision; '
+                'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')"\n'
+                '  and copy that file there, or choose --weights none (train from scratch) '
+                'or --weights FILE (a state dict you have).')
+        state = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+        net.load_state_dict(state)
+    elif weights not in (None, 'none'):
+        state = load_weights_file(weights)
+        state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the head is new
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith('fc.')]
+        if missing or unexpected:
+            raise WeightsError(f'--weights {weights}: does not fit resnet50 '
+                               f'({len(missing)} missing keys e.g. {missing[:2]}, '
+                               f'{len(unexpected)} unexpected e.g. {unexpected[:2]})')
+    net.fc = nn.Linear(net.fc.in_features, 1)
+    return net
+
+
+def build_model(name, weights='none', y_mean=0.0, y_std=1.0):
+    if name == 'cnn':
+        if weights == 'imagenet':
+            raise WeightsError('--weights imagenet: the cnn baseline has no pretrained weights; use --weights none')
+        net = cnn()
+        if weights not in (None, 'none'):
+            try:
+                net.load_state_dict(load_weights_file(weights))
+            except RuntimeError as e:
+                raise WeightsError(f'--weights {weights}: does not fit cnn ({str(e).splitlines()[0]})') from None
+    elif name == 'resnet50':
+        net = resnet50(weights)
+    else:
+        raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
+    return AgeRegressor(net, y_mean, y_std)
+
+
+if __name__ == '__main__':
+    for name in MODELS:
+        model = build_model(name)
+        x = torch.zeros(2, INPUT_CHANNELS[name], 100, 100)
+        print(f'{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
+              f'output {tuple(model(x).shape)} for input {tuple(x.shape)}')
+    sys.exit(0)
