@@ -1,0 +1,299 @@
+"""K-fold cross-validation, grouped by person and stratified by age, with a grid search.
+
+    python cv.py --demo                                           # synthetic faces, CPU, < 5 minutes
+    python cv.py --model resnet50 --loss smoothl1 --folds 5       # the real data in data/wiki
+    python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
+    torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
+
+Every train.py option works here under the same name and is fixed for all runs; --grid gives an
+option several values, and every combination runs on every fold. The images are decoded once for
+the whole grid. Running the same command again skips the finished (combination, fold) pairs and
+resumes an interrupted one. The run directory gets folds.csv, results.csv, summary.csv,
+oof_predictions.csv, predictions.png, error_by_decade.png and fold_models.csv
+(for `python predict.py --checkpoint RUN_DIR`).
+"""
+import argparse
+import datetime
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import dataset
+import models
+import train
+
+# Options that say where and how to run, not what to train: not part of a run's identity.
+NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit', 'seed'}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_train_options(parser)
+    parser.add_argument('--folds', type=int, default=5)
+    parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
+                        help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')
+    parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo)')
+    parser.add_argument('--keep-all-models', action='store_true',
+                        help='keep every fold model of every combination, not only the best combination')
+    return parser
+
+
+def parse_grid(parser, items):
+    """['lr=1e-3,3e-4', 'loss=mse'] -> [{'lr': 0.001, 'loss': 'mse'}, {'lr': 0.0003, 'loss': 'mse'}].
+    Values are converted and checked like the command-line option of the same name."""
+    actions = {a.dest: a for a in parser._actions}
+    keys, value_lists = [], []
+    for item in items:
+        key, sep, values = item.partition('=')
+        key = key.strip().lstrip('-').replace('-', '_')
+        if not sep or not values:
+            parser.error(f'--grid {item!r}: expected OPTION=V1,V2,...')
+        if key not in actions or key in NOT_GRIDDABLE or key in ('folds', 'grid', 'out_dir', 'keep_all_models', 'help'):
+            parser.error(f'--grid {item!r}: {key} is not a training option that can be searched')
+        if key in keys:
+            parser.error(f'--grid: {key} is given twice')
+        action, converted = actions[key], []
+        for v in values.split(','):
+            v = v.strip()
+            if isinstance(action, argparse._StoreTrueAction):
+                if v.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+                    parser.error(f'--grid {key}: {v!r} is not true/false')
+                converted.append(v.lower() in ('true', '1', 'yes'))
+                continue
+            try:
+                v = action.type(v) if action.type else v
+            except ValueError:
+                parser.error(f'--grid {key}: {v!r} is not a valid {action.type.__name__}')
+            if action.choices and v not in action.choices:
+                parser.error(f'--grid {key}: {v!r} is not one of {", ".join(map(str, action.choices))}')
+            converted.append(v)
+        keys.append(key)
+        value_lists.append(converted)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*value_lists)]
+
+
+def combo_name(combo):
+    """A folder name for a combination: 'lr=0.001_loss=mse', or 'base' without a grid."""
+    if not combo:
+        return 'base'
+    return '_'.join(re.sub(r'[^A-Za-z0-9.=+-]', '-', f'{k}={v}') for k, v in combo.items())
+
+
+def command_line(script, parser, args):
+    """The command that reproduces args: every option that differs from its default."""
+    parts = ['python', script]
+    defaults = vars(build_parser().parse_args([]))  # not the --demo presets: those must be spelled out
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ('help', 'grid', 'demo') or action.dest not in vars(args):
+            continue
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if value == defaults.get(action.dest) or value is None:
+            continue
+        parts += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return ' '.join(parts)
+
+
+def summarize(results):
+    """One row per combination: mean and sample standard deviation (ddof=1) over folds, best first."""
+    metrics = ['rmse', 'mae', 'r2']
+    grouped = results.groupby('combination', sort=False)
+    summary = grouped[metrics].agg(['mean', 'std'])
+    summary.columns = [f'{m}_{s}' for m, s in summary.columns]
+    summary['folds'] = grouped.size()
+    summary['seconds'] = grouped['seconds'].sum()
+    return summary.sort_values('rmse_mean').reset_index()
+
+
+def plot_error_by_decade(path, age, pred, title):
+    """RMSE of the out-of-fold predictions in each age decade, with the row count on each bar."""
+    age, pred = np.asarray(age, float), np.asarray(pred, float)
+    decade = np.minimum(age // 10, 9).astype(int)
+    rmse = [np.sqrt(np.mean((pred[decade == d] - age[decade == d]) ** 2)) if (decade == d).any() else 0 for d in range(10)]
+    W, H, L, B, T = 640, 400, 60, 50, 50
+    top = max(5.0, np.ceil(max(rmse) / 5) * 5)
+    im = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(im)
+    d.line([L, T, L, H - B, W - 20, H - B], fill='black')
+    for t in np.arange(0, top + 1, 5):
+        y = H - B - t / top * (H - B - T)
+        d.line([L - 5, y, L, y], fill='black')
+        d.text((L - 30, y - 6), f'{t:g}', fill='black')
+    bar = (W - 20 - L) / 10
+    for k in range(10):
+        x0 = L + k * bar + 4
+        y = H - B - rmse[k] / top * (H - B - T)
+        d.rectangle([x0, y, x0 + bar - 8, H - B], fill=(30, 90, 200))
+        d.text((x0, H - B + 6), f'{k * 10}-{k * 10 + 9}' if k < 9 else '90+', fill='black')
+        d.text((x0, y - 14), f'n={int((decade == k).sum())}', fill='black')
+    d.text((L, 12), title, fill='black')
+    d.text((L, 28), 'RMSE (years) by true age', fill='black')
+    dataset.write_atomic(path, lambda tmp: im.save(tmp))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = train.parse_args(parser, argv)
+    if args.folds < 2:
+        parser.error(f'--folds must be at least 2, got {args.folds}')
+    combos = parse_grid(parser, args.grid)
+    for combo in combos:  # each combination must be a valid train.py run
+        train.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
+    n_cells = len(combos) * args.folds
+    explicit = sys.argv[1:] if argv is None else argv
+    if args.demo and '--time-limit' not in explicit:
+        args.time_limit = round(4.0 / n_cells, 2)  # the whole demo in about four minutes
+    args.out_dir = args.out_dir or os.path.join('runs', 'cv-demo' if args.demo else f'cv-{args.model}')
+
+    # The same command again resumes; a different one must not mix its results into this folder.
+    identity = {k: v for k, v in vars(args).items() if k not in ('device', 'time_limit', 'log_every', 'compile')}
+    config_path = os.path.join(args.out_dir, 'config.json')
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        if changed:
+            parser.error(f'--out-dir {args.out_dir} holds a CV run with other options ({", ".join(changed)}); '
+                         'choose a new --out-dir')
+    elif os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+        parser.error(f'--out-dir {args.out_dir} exists and is not a cv.py run; choose a new --out-dir')
+
+    rank, world, device = setup(args)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    train.Stop.install()
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if rank == 0:
+            dataset.write_json(identity, config_path)
+        table, images = train.load_table(args, log)
+        folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
+        if rank == 0:
+            dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
+                              os.path.join(args.out_dir, 'folds.csv'))
+        log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
+            f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
+        images = train.prepare_images(images, device, log)
+        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+        for i, (c, k) in enumerate(cells):
+            if i % world == rank:
+                run_cell(args, combos[c], k, folds, table, images, device, log, f'[{i + 1}/{n_cells}]')
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            report(parser, args, combos, folds, table, log)
+    except (dataset.DataError, models.WeightsError) as e:
+        log(f'error: {e}')
+        return 1
+    except torch.OutOfMemoryError:
+        log(f'error: out of GPU memory at --batch-size {args.batch_size}; try --batch-size {max(1, args.batch_size // 2)}')
+        return 1
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def setup(args):
+    """Under torchrun each process takes every world_size-th (combination, fold) run on its own GPU."""
+    if 'RANK' not in os.environ:
+        return 0, 1, train.pick_device(args.device)
+    # gloo only for the final barrier; a long timeout because a rank may wait hours for the others
+    dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available() and args.device != 'cpu':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    return rank, world, device
+
+
+def cell_dir(args, combo, k):
+    return os.path.join(args.out_dir, 'cells', combo_name(combo), f'fold{k}')
+
+
+def run_cell(args, combo, k, folds, table, images, device, log, tag):
+    """Train one (combination, fold) unless it finished before; resume it if it was interrupted."""
+    out = cell_dir(args, combo, k)
+    if os.path.exists(os.path.join(out, 'result.json')):
+        log(f'{tag} {combo_name(combo)} fold {k}: done before, skipped')
+        return
+    resume = None
+    if os.path.exists(os.path.join(out, 'last.pt')):
+        resume = train.load_checkpoint(os.path.join(out, 'last.pt'))
+    elif os.path.isdir(out):
+        shutil.rmtree(out)  # died before its first checkpoint: start it again
+    os.makedirs(out, exist_ok=True)
+    cell_args = argparse.Namespace(**{**vars(args), **combo})
+    val_rows = np.flatnonzero(folds == k)
+    train_rows = train.training_rows(table, np.flatnonzero(folds != k), cell_args)
+    log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
+    result = train.fit(cell_args, images, table, train_rows, val_rows, out, device, resume=resume, log=log)
+    result.pop('val_pred')
+    dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
+                       os.path.join(out, 'result.json'))
+
+
+def report(parser, args, combos, folds, table, log):
+    rows = []
+    for combo in combos:
+        for k in range(args.folds):
+            with open(os.path.join(cell_dir(args, combo, k), 'result.json')) as f:
+                r = json.load(f)
+            rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'], 'fold': k,
+                         'rmse': r['val_rmse'], 'mae': r['val_mae'], 'r2': r['val_r2'],
+                         'best_epoch': r['best_epoch'], 'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
+    results = pd.DataFrame(rows)
+    dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))
+    summary = summarize(results)
+    dataset.write_csv(summary, os.path.join(args.out_dir, 'summary.csv'))
+    best_name = summary['combination'].iloc[0]
+    best = next(c for c in combos if combo_name(c) == best_name)
+
+    oof = []
+    for k in range(args.folds):
+        v = pd.read_csv(os.path.join(cell_dir(args, best, k), 'val_predictions.csv'))
+        oof.append(v.assign(fold=k)[['ID', 'fold', 'age', 'prediction']])
+    oof = pd.concat(oof).sort_values('ID')
+    dataset.write_csv(oof, os.path.join(args.out_dir, 'oof_predictions.csv'))
+    overall = train.metrics_from_sums(train.metric_sums(torch.tensor(oof['prediction'].to_numpy()),
+                                                        torch.tensor(oof['age'].to_numpy())))
+    plot_title = f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)'
+    train.plot_predictions(os.path.join(args.out_dir, 'predictions.png'), oof['age'], oof['prediction'], plot_title)
+    plot_error_by_decade(os.path.join(args.out_dir, 'error_by_decade.png'), oof['age'], oof['prediction'], plot_title)
+
+    fold_models = pd.DataFrame({'fold': range(args.folds),
+                                'checkpoint': [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'),
+                                                               args.out_dir) for k in range(args.folds)],
+                                'val_rmse': results[results['combination'] == best_name]['rmse'].to_numpy()})
+    dataset.write_csv(fold_models, os.path.join(args.out_dir, 'fold_models.csv'))
+    if not args.keep_all_models:
+        for combo in combos:
+            if combo is not best:
+                for k in range(args.folds):
+                    path = os.path.join(cell_dir(args, combo, k), 'best.pt')
+                    if os.path.exists(path):
+                        os.remove(path)
+
+    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format', '{:.3f}'.format):
+        log('\nsummary (mean and std over folds, best first):\n' + summary.to_string(index=False))
+    log(f'\nbest: {best_name}: RMSE {summary["rmse_mean"].iloc[0]:.3f} +- {summary["rmse_std"].iloc[0]:.3f}, '
+        f'R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold predictions pooled: RMSE {overall["rmse"]:.3f}, '
+        f'R^2 {overall["r2"]:.3f}')
+    best_args = argparse.Namespace(**{**vars(args), **best, 'out_dir': None})
+    log('reproduce the best combination:\n  ' + command_line('cv.py', parser, best_args))
+    log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} --data {args.data}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
