@@ -74,7 +74,9 @@ def load_weights_file(path):
 
 def resnet50(weights='imagenet'):
     """torchvision's ResNet-50 with its 1000-class layer replaced by one output."""
-    net = torchvision.models.resnet50(weights=None)
+    # From scratch, each residual branch starts at zero (its last BN scale is 0), so the untrained
+    # network is shallow and trains faster (Goyal et al. 2017). Pretrained weights overwrite this.
+    net = torchvision.models.resnet50(weights=None, zero_init_residual=True)
     if weights == 'imagenet':
         cache = imagenet_cache_file()
         if not os.path.exists(cache):  # never download: lab machines and CI may be offline

@@ -353,6 +353,9 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
         state.update(resume['state'])
         if aug is not None and resume.get('aug_rng') is not None:
             aug.set_state(resume['aug_rng'])
+        torch.set_rng_state(resume['torch_rng'])  # dropout draws from the global generator
+        if device.type == 'cuda' and resume.get('cuda_rng') is not None:
+            torch.cuda.set_rng_state(resume['cuda_rng'], device)
         log(f'resumed at epoch {state["epoch"] + 1} step {state["step"]} (best val RMSE {state["best_val_rmse"]:.3f})')
 
     def checkpoint(kind):
@@ -360,7 +363,9 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                 'args': vars(args), 'y_mean': y_mean, 'y_std': y_std,
                 **({'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                     'scaler': scaler.state_dict(), 'state': dict(state),
-                    'aug_rng': aug.get_state() if aug is not None else None} if kind == 'last' else
+                    'aug_rng': aug.get_state() if aug is not None else None, 'torch_rng': torch.get_rng_state(),
+                    'cuda_rng': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+                   if kind == 'last' else
                    {'epoch': state['epoch'], 'val_rmse': state['best_val_rmse']})}
 
     def evaluate():
