@@ -113,6 +113,20 @@ def test_imagenet_weights_missing_names_the_file(tmp_path):
     assert not os.path.exists(cache)
 
 
+def test_imagenet_cache_file_with_pickled_code_refused(tmp_path):
+    """The error message above tells users to copy the weights file from another machine; like
+    --weights FILE, that file must be read as plain tensors, and a bad one must be a WeightsError."""
+    cache = models.imagenet_cache_file()
+    os.makedirs(os.path.dirname(cache))
+    marker = tmp_path / 'pwned'
+    torch.save({'conv1.weight': CreatesFile(marker)}, cache)
+    with pytest.raises(Exception) as info:
+        models.build_model('resnet50', 'imagenet')
+    assert not marker.exists(), 'the file in the torch hub cache ran code while loading'
+    assert info.type is models.WeightsError, f'{info.type.__name__} instead of WeightsError'
+    assert cache in str(info.value)
+
+
 # ----------------------------------------------------------------------------- --weights FILE
 
 def test_weights_file_state_dict_resnet50(tmp_path):
@@ -169,7 +183,7 @@ def crafted_files(tmp_path, marker):
     torch.save({'model': CreatesFile(marker)}, zipped)
     bare = tmp_path / 'evil_bare.pth'
     with open(bare, 'wb') as f:
-        pickle.dump({'conv1.weight': CreatesFile(marker)}, f)
+        pickle.dump({'conv1.weight': CreatesFile(marker)}, f, protocol=2)
     return [zipped, bare]
 
 

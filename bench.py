@@ -1,0 +1,391 @@
+"""How fast each part of training runs on this machine, in images per second, on the same images.
+
+    python bench.py --model cnn --device cpu                        # about a minute on a laptop CPU
+    python bench.py --model resnet50 --device cpu --batch-size 32   # about 2 minutes
+    python bench.py --model resnet50 --json runs/bench-r50.json     # on a GPU: also MFU and peak memory
+    python bench.py --data data/wiki --model resnet50               # the first --n real faces
+    python bench.py --model cnn --size 32 --batch-size 8 --device cpu --quick   # smoke test, seconds
+
+The rows of the table it prints:
+  pipeline (ours)   the uint8 images on the device; a batch gathered at random indices, then
+                    dataset.to_model_input: crop, flip, rotation, brightness/contrast per image,
+                    one grid_sample for the whole batch. The ratio column is ours / naive.
+  pipeline (naive)  the usual per-image way: a Dataset that opens each PNG with PIL and applies
+                    torchvision transforms, a DataLoader with --workers processes, batches to the device.
+  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed limit.
+  train loop        train.fit itself (augmentation on; validation is not timed). Ratio: loop / step,
+                    near 1 when the loop adds nothing to the model's own time.
+  predict           train.predict, the evaluation path of train.py, cv.py and predict.py (no flip).
+On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of the loop.
+"""
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import dataset
+import models
+import train
+
+
+# ----------------------------------------------------------------------------- timing
+
+def clock(device):
+    """Seconds, after the device has finished what was queued: GPU work runs asynchronously, so a
+    clock read without a sync measures how fast Python queues kernels, not how fast they run."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+def measure(fn, device, seconds, warmup, calls=None, min_calls=3):
+    """Call fn() `warmup` times untimed (the first calls pay for kernel selection, memory allocation,
+    worker start-up), then `calls` times, or as many as fill `seconds` by the pace of the second
+    half of the warm-up. Returns (calls, elapsed seconds)."""
+    half = warmup // 2
+    for _ in range(warmup - half):
+        fn()
+    t = clock(device)
+    for _ in range(half):
+        fn()
+    per_call = (clock(device) - t) / half
+    if calls is None:
+        calls = max(min_calls, math.ceil(seconds / max(per_call, 1e-9)))
+    t = clock(device)
+    for _ in range(calls):
+        fn()
+    return calls, clock(device) - t
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_faces(args, tmp, log):
+    """(paths, ages, images): the PNG files the naive pipeline reads and the same faces decoded once
+    into one uint8 array for ours. Rows whose image does not decode or whose age is missing are dropped."""
+    if args.data:
+        root = args.data
+    else:
+        root = os.path.join(tmp, 'demo')
+        log(f'making {args.n} synthetic faces in {root}')
+        dataset.make_demo_data(root, n=args.n, n_judge=10, seed=args.seed)
+    files = dataset.find_files(root)
+    dataset.require(files, root, 'labels', 'images')
+    table = dataset.read_labels(files['labels']).head(args.n)
+    paths = [os.path.join(files['images'], p) for p in table['path']]
+    images, problems = dataset.decode_all(paths)
+    ages = table['age'].to_numpy(dtype=np.float64)
+    ok = np.array([p is None or p.startswith('converted') for p in problems]) & np.isfinite(ages)
+    if ok.sum() < 2:
+        raise dataset.DataError(f'{root}: fewer than 2 readable images with an age in the first {args.n} rows')
+    log(f'{ok.sum()} of {len(table)} images decoded ({len(table) - ok.sum()} dropped: unreadable or no age)')
+    # Speed does not depend on the labels, but the 790-year ages of the raw CSV would make fit's
+    # standardised targets (and so its loss) odd; clip them as the clean data would.
+    ages = np.clip(ages[ok], *train.AGE_RANGE).astype(np.float32)
+    table = table[ok].reset_index(drop=True).assign(age=ages)
+    return [p for p, keep in zip(paths, ok) if keep], table, images[ok]
+
+
+class PILFaces(torch.utils.data.Dataset):
+    """The per-image pipeline most tutorials write, for comparison: open the PNG with PIL, then
+    torchvision transforms with the same augmentation ranges as dataset.augment_params."""
+
+    def __init__(self, paths, ages, size, channels):
+        self.paths, self.ages, self.mode = paths, ages, 'RGB' if channels == 3 else 'L'
+        mean, std = (dataset.IMAGENET_MEAN, dataset.IMAGENET_STD) if channels == 3 else \
+            ([dataset.GREY_MEAN], [dataset.GREY_STD])
+        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
+                                    T.RandomHorizontalFlip(), T.RandomRotation(10),
+                                    T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            x = self.transform(im.convert(self.mode))
+        return x, torch.tensor(self.ages[i])
+
+
+# ----------------------------------------------------------------------------- the measurements
+
+def bench_ours(args, images, ages, channels, device):
+    """fit's input lines, on batches gathered at random indices."""
+    aug = torch.Generator(device=device).manual_seed(args.seed)
+    pick = torch.Generator().manual_seed(args.seed)
+
+    def step():
+        idx = torch.randint(len(images), (args.batch_size,), generator=pick)
+        x = dataset.to_model_input(images[idx.to(images.device)].to(device, non_blocking=True),
+                                   args.size, channels, generator=aug)
+        if device.type == 'cuda':
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = ages[idx.to(ages.device)].to(device, non_blocking=True)
+        return x, y
+
+    return measure(step, device, args.seconds, args.warmup, min_calls=5)
+
+
+def bench_naive(args, paths, ages, channels, device):
+    faces = PILFaces(paths, ages, args.size, channels)
+    # Sampling with replacement from a huge count: one iterator that never ends, so the workers
+    # start once and the timing sees them in their steady state.
+    sampler = torch.utils.data.RandomSampler(faces, replacement=True, num_samples=10**9,
+                                             generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(faces, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == 'cuda')
+    batches = iter(loader)
+
+    def step():
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == 'cuda':
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    # Each worker prepares 2 batches ahead (prefetch_factor); the warm-up drains that head start
+    # so the timed batches are made at the workers' real pace.
+    warmup = max(args.warmup, 4 * args.workers + 2)
+    calls, seconds = measure(step, device, args.seconds, warmup, min_calls=5)
+    del batches  # stops the worker processes before the training measurements start
+    return calls, seconds
+
+
+def bench_step(args, train_args, images, ages, channels, device):
+    """The model alone: forward, loss, backward, optimizer step on one batch made once, with fit's
+    choices (autocast dtype, channels_last and fused AdamW on CUDA, the same loss)."""
+    torch.manual_seed(args.seed)
+    y_mean, y_std = float(ages.mean()), float(ages.std())
+    model = models.build_model(args.model, 'none', y_mean, max(y_std, 1e-3)).to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay,
+                                  fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda' and not torch.cuda.is_bf16_supported())
+    criterion = train.LOSSES[train_args.loss]()
+    idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
+    x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
+                               generator=torch.Generator(device=device).manual_seed(args.seed))
+    if device.type == 'cuda':
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (ages[idx.to(ages.device)].to(device) - y_mean) / y_std
+    model.train()
+
+    def forward_backward():
+        with train.autocast(device):
+            out = model(x)
+        loss = criterion(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+
+    def step():
+        forward_backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
+    # backward (the optimizer's elementwise work is a rounding error next to them).
+    with FlopCounterMode(display=False) as counter:
+        forward_backward()
+    calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
+    return model, calls, seconds, counter.get_total_flops()
+
+
+def bench_loop(args, train_args, images, table, device, steps, tmp, log):
+    """train.fit itself, after a warm-up fit of --warmup steps (the same untimed warm-up the train
+    step had): fit's img/s counts every step from its first, so on a cold process its first steps
+    (oneDNN/cuDNN kernel choice, allocator growth) would be charged to the loop. The process-wide
+    caches those fill carry over to the timed fit; what is left (a fresh model and AdamW state) is
+    one step's worth, small next to the `steps` (at least --min-loop-steps) timed ones."""
+    def run(n_steps, name):
+        # Rows repeat as needed, so one epoch is exactly n_steps batches (fit's steps per epoch is
+        # rows // batch) and validation, which fit does not time, runs once on one small batch.
+        rows = np.resize(np.arange(len(table)), n_steps * args.batch_size)
+        val_rows = np.arange(min(len(table), args.batch_size))
+        return train.fit(train_args, images, table, rows, val_rows, os.path.join(tmp, name), device, log=log)
+
+    run(args.warmup, 'fit-warmup')
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    result = run(steps, 'fit')
+    peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
+    return result['train_img_per_s'], peak_gb
+
+
+def bench_predict(args, model, images, channels, device):
+    """train.predict over enough rows (repeated) to fill --seconds, at the batch fit validates with."""
+    batch = 2 * args.batch_size
+
+    def run(n):
+        rows = np.resize(np.arange(len(images)), n)
+        t = clock(device)
+        train.predict(model, images, rows, args.size, channels, batch, device, tta=False)
+        return clock(device) - t
+
+    run(batch)  # warm-up: eval-mode kernels are chosen on the first call
+    per_image = run(2 * batch) / (2 * batch)
+    n = max(2, math.ceil(args.seconds / per_image / batch)) * batch
+    return n, run(n)
+
+
+# ----------------------------------------------------------------------------- report
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if device.type == 'mps':
+        return 'Apple GPU (mps)'
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average():
+    return round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+
+
+def print_table(rows):
+    print(f'{"measurement":<18} {"images/s":>10} {"ratio":>7}  notes')
+    for name, speed, ratio, note in rows:
+        print(f'{name:<18} {speed:>10,.0f} {ratio:>7}  {note}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--model', default='resnet50', choices=models.MODELS)
+    parser.add_argument('--size', type=int, default=100, help='model input size in pixels')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'))
+    parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: synthetic faces')
+    parser.add_argument('--n', type=int, default=2000, help='images to use (the first N rows of --data)')
+    parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='DataLoader processes of the naive pipeline')
+    parser.add_argument('--seconds', type=float, help='target time of each measurement (default 5 on CPU, 10 on a GPU)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed calls before each measurement (at least 2)')
+    parser.add_argument('--steps', type=int, help='timed train steps, bare and in the loop (default: fill --seconds)')
+    parser.add_argument('--min-steps', type=int, default=5, help='timed bare train steps at least')
+    parser.add_argument('--min-loop-steps', type=int, default=10, help='steps of the timed train.fit at least')
+    # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4 sparsity).
+    # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
+    parser.add_argument('--peak-tflops', type=float, default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', metavar='FILE', help='also write the figures here')
+    parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short measurements')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
+    for name in ('size', 'batch_size', 'n', 'min_steps', 'min_loop_steps', 'peak_tflops'):
+        if not getattr(args, name) > 0:
+            parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.warmup < 2:
+        parser.error(f'--warmup must be at least 2 (the second half of the warm-up sets the pace), got {args.warmup}')
+    if args.workers < 0 or (args.steps is not None and args.steps < 1):
+        parser.error('--workers must be >= 0 and --steps >= 1')
+    if args.size < models.MIN_SIZE[args.model]:
+        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
+    device = train.pick_device(args.device)
+    if args.seconds is None:
+        args.seconds = 5.0 if device.type == 'cpu' else 10.0
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, so let cuDNN pick the fastest kernels
+    # fit's own options, parsed by train.py's parser so they stay in step with it. Weights 'none':
+    # speed does not depend on them, and the ImageNet file may not be on this machine.
+    train_parser = argparse.ArgumentParser()
+    train.add_train_options(train_parser)
+    train_args = train_parser.parse_args([
+        '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size', str(args.batch_size),
+        '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
+        '--seed', str(args.seed)])
+    channels = models.INPUT_CHANNELS[args.model]
+    dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    fit_log = lambda *a: print('  train.fit:', *a, flush=True)  # noqa: E731
+    load_before, start = load_average(), time.time()
+    log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device {device} ({device_name(device)}), '
+        f'{dtype}, load average {load_before}')
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths, table, images_np = load_faces(args, tmp, log)
+            images = train.prepare_images(images_np, device, log)
+            ages = torch.from_numpy(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+
+            log('measuring the input pipeline (ours) ...')
+            ours_calls, ours_s = bench_ours(args, images, ages, channels, device)
+            log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
+            naive_calls, naive_s = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels, device)
+            log('measuring the bare train step ...')
+            model, step_calls, step_s, flops = bench_step(args, train_args, images, ages, channels, device)
+            log('measuring prediction ...')
+            predict_n, predict_s = bench_predict(args, model, images, channels, device)
+            del model  # free its memory before the loop's peak is measured
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+            loop_steps = args.steps or max(args.min_loop_steps, step_calls)
+            log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
+            loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp, fit_log)
+    except (dataset.DataError, models.WeightsError) as e:
+        log(f'error: {e}')
+        return 1
+
+    ours = ours_calls * args.batch_size / ours_s
+    naive = naive_calls * args.batch_size / naive_s
+    step = step_calls * args.batch_size / step_s
+    step_tflops = flops * step_calls / step_s / 1e12
+    mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
+    predict_speed = predict_n / predict_s
+    result = {
+        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'device': str(device),
+        'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
+        'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+        'workers': args.workers, 'n_images': len(images), 'data': args.data or 'synthetic',
+        'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive, 'pipeline_ratio': ours / naive,
+        'step_img_per_s': step, 'step_steps': step_calls, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
+        'loop_ratio': loop_speed / step, 'predict_img_per_s': predict_speed,
+        'flops_per_step': flops, 'step_tflops': step_tflops, 'mfu': mfu,
+        'peak_tflops': args.peak_tflops if device.type == 'cuda' else None, 'peak_mem_gb': peak_gb,
+        'load_before': load_before, 'load_after': load_average(), 'seconds': time.time() - start,
+    }
+
+    print()
+    print(f'{args.model}, size {args.size}, batch {args.batch_size}, {dtype} on {device}: {result["device_name"]}')
+    print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads '
+          f'(of {os.cpu_count()}), load average {load_before} before, {result["load_after"]} after, '
+          f'{len(images)} {"images from " + args.data if args.data else "synthetic faces"}')
+    print_table([
+        ('pipeline (ours)', ours, f'{ours / naive:.1f}x',
+         f'uint8 on {images.device.type}, to_model_input, {ours_calls} batches'),
+        ('pipeline (naive)', naive, '', f'PIL + torchvision, DataLoader with {args.workers} workers, {naive_calls} batches'),
+        ('train step', step, '', f'one fixed batch, {step_calls} steps after {args.warmup} warm-up, '
+                                 f'{step_tflops:.2f} TFLOP/s'),
+        ('train loop', loop_speed, f'{loop_speed / step:.2f}',
+         f'train.fit, {loop_steps} steps after a {args.warmup}-step warm-up fit'),
+        ('predict', predict_speed, '', f'train.predict, batch {2 * args.batch_size}, {predict_n} images'),
+    ])
+    if device.type == 'cuda':
+        print(f'MFU {100 * mfu:.1f}% ({step_tflops:.0f} of {args.peak_tflops:g} TFLOP/s, '
+              f'{flops / 1e9:.1f} GFLOP per step); peak memory in the loop {peak_gb:.2f} GB')
+    if args.json:
+        dataset.write_json(result, args.json)
+        print(f'wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""cv.py: folds, grid expansion, summary numbers, a tiny CV run, resuming and predicting from it."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cv
+import predict
+
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+        '--device', 'cpu', '--log-every', '100']
+
+
+def test_grid_expands_every_combination_with_types():
+    parser = cv.build_parser()
+    combos = cv.parse_grid(parser, ['lr=1e-3,3e-4', 'loss=mse,smoothl1', 'no-augment=true,false'])
+    assert len(combos) == 8
+    assert {c['lr'] for c in combos} == {1e-3, 3e-4} and all(isinstance(c['lr'], float) for c in combos)
+    assert {c['loss'] for c in combos} == {'mse', 'smoothl1'}
+    assert {c['no_augment'] for c in combos} == {True, False}
+    assert len({cv.combo_name(c) for c in combos}) == 8  # one folder each
+    assert cv.parse_grid(parser, []) == [{}] and cv.combo_name({}) == 'base'
+    assert cv.parse_grid(parser, ['batch_size=64,128']) == [{'batch_size': 64}, {'batch_size': 128}]
+
+
+@pytest.mark.parametrize('item', ['lr=abc', 'loss=huber', 'folds=3,5', 'nonsense=1', 'lr', 'no_augment=maybe'])
+def test_bad_grid_items_are_usage_errors(item):
+    with pytest.raises(SystemExit) as e:
+        cv.parse_grid(cv.build_parser(), [item])
+    assert e.value.code == 2
+
+
+def test_summary_mean_and_std_match_numpy():
+    rng = np.random.default_rng(0)
+    results = pd.DataFrame({'combination': ['a'] * 5 + ['b'] * 5, 'rmse': rng.uniform(5, 10, 10),
+                            'mae': rng.uniform(3, 8, 10), 'r2': rng.uniform(0, 1, 10), 'seconds': 1.0})
+    summary = cv.summarize(results).set_index('combination')
+    for name in ('a', 'b'):
+        part = results[results['combination'] == name]
+        for m in ('rmse', 'mae', 'r2'):
+            assert summary.loc[name, f'{m}_mean'] == pytest.approx(np.mean(part[m]))
+            assert summary.loc[name, f'{m}_std'] == pytest.approx(np.std(part[m], ddof=1))
+    assert list(cv.summarize(results)['rmse_mean']) == sorted(summary['rmse_mean'])
+
+
+@pytest.fixture(scope='module')
+def cv_run(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('cv') / 'run')
+    argv = ['--data', tiny_data, *FAST, '--folds', '3', '--grid', 'lr=1e-3,3e-3', '--out-dir', out]
+    assert cv.main(argv) == 0
+    return out, argv
+
+
+def test_cv_writes_folds_results_summary_and_oof(cv_run, tiny_data):
+    out, _ = cv_run
+    clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
+    folds = pd.read_csv(os.path.join(out, 'folds.csv'))
+    assert list(folds.columns) == ['ID', 'person', 'fold'] and len(folds) == len(clean)
+    assert folds.groupby('person')['fold'].nunique().max() == 1  # no person in two folds
+    results = pd.read_csv(os.path.join(out, 'results.csv'))
+    assert len(results) == 6 and set(results['fold']) == {0, 1, 2}
+    for col in ('lr', 'rmse', 'mae', 'r2', 'best_epoch', 'img_per_s', 'seconds'):
+        assert results[col].notna().all()
+    summary = pd.read_csv(os.path.join(out, 'summary.csv'))
+    assert len(summary) == 2 and summary['rmse_mean'].is_monotonic_increasing
+    oof = pd.read_csv(os.path.join(out, 'oof_predictions.csv'))
+    assert sorted(oof['ID']) == sorted(clean['ID'])  # every row predicted once, by the fold that held it out
+    assert (oof.set_index('ID')['fold'] == folds.set_index('ID')['fold'].loc[oof['ID']].to_numpy()).all()
+    best = summary['combination'][0]
+    best_rows = results[results['combination'] == best]
+    assert summary['rmse_mean'][0] == pytest.approx(best_rows['rmse'].mean())
+    for k, part in oof.groupby('fold'):  # each fold's score comes from its out-of-fold predictions
+        rmse = np.sqrt(np.mean((part['prediction'] - part['age']) ** 2))
+        assert rmse == pytest.approx(best_rows.set_index('fold').loc[k, 'rmse'], rel=1e-4)
+    for png in ('predictions.png', 'error_by_decade.png'):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_only_the_best_combinations_fold_models_are_kept(cv_run):
+    out, _ = cv_run
+    models = pd.read_csv(os.path.join(out, 'fold_models.csv'))
+    assert list(models['fold']) == [0, 1, 2]
+    assert all(os.path.exists(os.path.join(out, p)) for p in models['checkpoint'])
+    kept = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f == 'best.pt'}
+    assert kept == set(models['checkpoint'])
+
+
+def test_predict_averages_the_cv_fold_models(cv_run, tiny_data, tmp_path, capsys):
+    out, _ = cv_run
+    sub = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', out, '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
+    assert '3 model(s)' in capsys.readouterr().out
+    judge = pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv'))
+    assert list(pd.read_csv(sub)['ID']) == sorted(judge['ID'])
+
+
+def test_rerun_skips_every_finished_cell(cv_run, capsys):
+    out, argv = cv_run
+    before = pd.read_csv(os.path.join(out, 'results.csv'))
+    capsys.readouterr()
+    assert cv.main(argv) == 0
+    assert capsys.readouterr().out.count('done before, skipped') == 6
+    pd.testing.assert_frame_equal(pd.read_csv(os.path.join(out, 'results.csv')), before)
+
+
+def test_resume_redoes_only_an_unfinished_cell(tiny_data, tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    argv = ['--data', tiny_data, *FAST, '--folds', '2', '--out-dir', out]
+    assert cv.main(argv) == 0
+    first = pd.read_csv(os.path.join(out, 'results.csv'))
+    os.remove(os.path.join(out, 'cells', 'base', 'fold1', 'result.json'))  # as if killed before finishing
+    capsys.readouterr()
+    assert cv.main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count('done before, skipped') == 1 and 'base fold 1: ' in log
+    again = pd.read_csv(os.path.join(out, 'results.csv'))
+    assert again.loc[0, 'rmse'] == first.loc[0, 'rmse']
+    assert again.loc[1, 'rmse'] == pytest.approx(first.loc[1, 'rmse'])  # same seed, same numbers
+
+
+def test_other_options_in_the_same_directory_are_refused(cv_run, capsys):
+    out, argv = cv_run
+    with pytest.raises(SystemExit) as e:
+        cv.main(argv + ['--epochs', '3'])
+    assert e.value.code == 2
+    assert 'holds a CV run with other options' in capsys.readouterr().err
+
+
+def test_folds_below_two_is_a_usage_error(tiny_data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cv.main(['--data', tiny_data, *FAST, '--folds', '1', '--out-dir', str(tmp_path / 'x')])
+    assert e.value.code == 2
+
+
+def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    assert cv.main(['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--out-dir', out,
+                    '--balance-gender', '--train-max-age', '25']) == 0
+    clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
+    oof = pd.read_csv(os.path.join(out, 'oof_predictions.csv'))
+    assert sorted(oof['ID']) == sorted(clean['ID'])  # rows over 25 are still scored
+    for k in (0, 1):
+        with open(os.path.join(out, 'cells', 'base', f'fold{k}', 'result.json')) as f:
+            r = json.load(f)
+        fold_rows = pd.read_csv(os.path.join(out, 'folds.csv')).query('fold != @k')['ID']
+        ages = clean.set_index('ID').loc[fold_rows, 'age']
+        assert r['n_train'] == int((ages <= 25).sum())

@@ -1,0 +1,244 @@
+"""train.py and predict.py through their real entry points, on tiny synthetic data, on the CPU."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import predict
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+        '--device', 'cpu', '--log-every', '1']
+
+
+def run_train(data, out_dir, *extra):
+    return train.main(['--data', data, '--out-dir', str(out_dir), *FAST, *extra])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run') / 'cnn'
+    assert run_train(tiny_data, out) == 0
+    return str(out)
+
+
+def test_train_writes_the_run_directory(trained):
+    metrics = read_json(os.path.join(trained, 'metrics.json'))
+    for key in ('val_rmse', 'val_mae', 'val_r2', 'train_img_per_s', 'best_epoch'):
+        assert np.isfinite(metrics[key])
+    assert metrics['val_rmse'] >= metrics['val_mae'] > 0
+    assert metrics['stopped'] == 'completed' and metrics['epochs_run'] == 2
+    history = pd.read_csv(os.path.join(trained, 'history.csv'))
+    assert list(history['epoch']) == [1, 2]
+    assert history.loc[metrics['best_epoch'] - 1, 'val_rmse'] == pytest.approx(metrics['val_rmse'], rel=1e-9)
+    val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
+    rmse = np.sqrt(np.mean((val['prediction'] - val['age']) ** 2))
+    assert rmse == pytest.approx(metrics['val_rmse'], rel=1e-5)
+    assert Image.open(os.path.join(trained, 'predictions.png')).size == (640, 640)
+    assert not os.path.exists(os.path.join(trained, 'last.pt'))  # finished: only best.pt is kept
+    ckpt = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)
+    assert ckpt['model_name'] == 'cnn' and ckpt['size'] == 32
+
+
+def test_submission_has_exactly_the_judge_ids(tiny_data, trained, tmp_path):
+    out = tmp_path / 'submission.csv'
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out), '--device', 'cpu']) == 0
+    sub = pd.read_csv(out)
+    judge = pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv'))
+    assert list(sub.columns) == ['ID', 'age']
+    assert list(sub['ID']) == sorted(judge['ID'])
+    assert sub['age'].between(1, 100).all()
+
+
+def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path):
+    """The same image and checkpoint give the same number in train.py's evaluation and predict.py."""
+    val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
+    clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv')).set_index('ID')
+    judge_dir = tmp_path / 'judge' / 'wiki_judge_images' / 'wiki_judge_images'
+    judge_dir.mkdir(parents=True)
+    for ID in val['ID']:
+        shutil.copy(os.path.join(tiny_data, 'wiki_labeled', 'wiki_labeled', clean.loc[ID, 'path']), judge_dir / f'{ID}.png')
+    pd.DataFrame({'ID': val['ID'], 'full_path': [f"['{i}.png']" for i in val['ID']]}).to_csv(
+        tmp_path / 'judge' / 'wiki_judge.csv', index=False)
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', os.path.join(trained, 'best.pt'), '--data', str(tmp_path / 'judge'),
+                         '--out', str(out), '--no-tta', '--device', 'cpu']) == 0
+    merged = val.merge(pd.read_csv(out), on='ID')
+    assert len(merged) == len(val)
+    np.testing.assert_allclose(merged['age_y'], merged['prediction'], atol=1e-3)  # 4 decimals in the CSV
+
+
+def test_missing_and_unreadable_judge_images_keep_their_rows(tiny_data, trained, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('wiki_labeled'))
+    images = sorted((data / 'wiki_judge_images' / 'wiki_judge_images').iterdir())
+    missing, empty = images[0], images[1]
+    missing.unlink()
+    empty.write_bytes(b'')
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 0
+    sub = pd.read_csv(out).set_index('ID')
+    assert len(sub) == 20
+    mean = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)['y_mean']
+    bad_ids = [int(missing.stem), int(empty.stem)]
+    np.testing.assert_allclose(sub.loc[bad_ids, 'age'], mean, atol=1e-3)
+    err = capsys.readouterr().err
+    assert 'missing or unreadable' in err and all(str(i) in err for i in bad_ids)
+
+
+def test_sample_submission_decides_the_ids(tiny_data, trained, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('wiki_labeled'))
+    judge = pd.read_csv(data / 'wiki_judge.csv')
+    ids = sorted(judge['ID'])[::2]
+    pd.DataFrame({'ID': ids[::-1], 'age': 0}).to_csv(data / 'sample_submission.csv', index=False)
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 0
+    assert list(pd.read_csv(out)['ID']) == ids
+
+
+def test_same_seed_same_metrics(tiny_data, trained, tmp_path):
+    assert run_train(tiny_data, tmp_path / 'again') == 0
+    first, second = read_json(os.path.join(trained, 'metrics.json')), read_json(tmp_path / 'again' / 'metrics.json')
+    assert first['val_rmse'] == second['val_rmse'] and first['val_r2'] == second['val_r2']
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_data, trained, capsys):
+    before = os.path.getmtime(os.path.join(trained, 'best.pt'))
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_data, trained)
+    assert e.value.code == 2
+    assert 'already holds a run' in capsys.readouterr().err
+    assert os.path.getmtime(os.path.join(trained, 'best.pt')) == before
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--lr', '-1'], '--lr must be positive'),
+    (['--batch-size', '0'], '--batch-size must be positive'),
+    (['--model', 'vgg16'], "invalid choice: 'vgg16'"),
+    (['--loss', 'huber'], "invalid choice: 'huber'"),
+    (['--size', '8'], '--size 8 is too small'),
+    (['--val-frac', '0.9'], '--val-frac must be in'),
+    (['--epochs', '0'], '--epochs must be positive'),
+])
+def test_impossible_options_are_usage_errors(tiny_data, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_data, tmp_path / 'x', *flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys):
+    assert train.main(['--data', str(tmp_path), '--out-dir', str(tmp_path / 'run'), *FAST]) == 1
+    assert 'wiki_labels_clean.csv not found' in capsys.readouterr().out
+    import clean_data
+    assert clean_data.main(['--data', str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert 'wiki_labels.csv' in err and 'wiki_labeled/wiki_labeled/ or wiki_labeled/' in err
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    calls = {'n': 0}
+
+    class PoisonedMSE(torch.nn.MSELoss):
+        def forward(self, out, y):
+            calls['n'] += 1
+            loss = super().forward(out, y)
+            return loss * float('nan') if calls['n'] == 9 else loss  # epoch 2 of 6-step epochs, step 3
+
+    monkeypatch.setitem(train.LOSSES, 'mse', PoisonedMSE)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_data, out, '--loss', 'mse', '--epochs', '3')
+    assert e.value.code == 1
+    text = capsys.readouterr().out
+    steps = int(text.split(' steps/epoch')[0].rsplit('(', 1)[1])
+    assert f'NaN/inf at epoch {1 + 8 // steps} step {8 % steps + 1}' in text
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['epoch'] == 1 and all(torch.isfinite(v).all() for v in best['model'].values() if v.is_floating_point())
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(train, 'fit', oom)
+    assert run_train(tiny_data, tmp_path / 'run') == 1
+    assert 'try --batch-size 8' in capsys.readouterr().out
+
+
+def test_time_limit_stops_cleanly_with_a_best_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    assert run_train(tiny_data, out, '--time-limit', '0.0001', '--epochs', '50') == 0
+    metrics = read_json(out / 'metrics.json')
+    assert metrics['stopped'] == 'time_limit' and metrics['epochs_run'] == 1
+    assert os.path.exists(out / 'best.pt')
+
+
+def test_training_only_filters_and_balancing_leave_validation_alone(tiny_data, trained, tmp_path):
+    assert run_train(tiny_data, tmp_path / 'run', '--balance-gender', '--train-max-age', '30') == 0
+    plain = read_json(os.path.join(trained, 'metrics.json'))
+    filtered = read_json(tmp_path / 'run' / 'metrics.json')
+    assert filtered['n_val'] == plain['n_val'] and filtered['n_train'] < plain['n_train']
+    ids = pd.read_csv(tmp_path / 'run' / 'val_predictions.csv')['ID']
+    assert list(ids) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
+
+
+def test_balance_weights_equalise_genders_and_keep_unknown():
+    gender = np.array([1, 1, 1, 1, 1, 1, 0, 0, np.nan, np.nan])
+    w = train.sample_weights(gender).numpy()
+    assert w[gender == 1].sum() == pytest.approx(w[gender == 0].sum())
+    assert w[gender == 1].sum() + w[gender == 0].sum() == pytest.approx(8)
+    np.testing.assert_array_equal(w[np.isnan(gender)], [1, 1])
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path):
+    args = ['--data', tiny_data, *FAST, '--epochs', '3']
+    assert run_train(tiny_data, tmp_path / 'straight', '--epochs', '3') == 0
+    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--out-dir', str(tmp_path / 'cut')], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith('epoch 2/3 step 2/'):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    last = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
+    assert last['state']['epoch'] == 1 and last['state']['step'] >= 2  # saved mid-epoch 2
+    assert not os.path.exists(tmp_path / 'cut' / 'metrics.json')
+    resumed = run_script(['train.py', '--resume', str(tmp_path / 'cut')])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert 'resumed at epoch 2' in resumed.stdout
+    straight = pd.read_csv(tmp_path / 'straight' / 'history.csv')
+    cut = pd.read_csv(tmp_path / 'cut' / 'history.csv')
+    cols = ['val_rmse', 'val_mae', 'val_r2']
+    np.testing.assert_array_equal(straight[cols].to_numpy(), cut[cols].to_numpy())
+    assert read_json(tmp_path / 'straight' / 'metrics.json')['val_rmse'] == read_json(tmp_path / 'cut' / 'metrics.json')['val_rmse']
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+    out = tmp_path / 'ddp'
+    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                       '--data', tiny_data, '--out-dir', str(out), *FAST],
+                      env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('done: val RMSE') == 1  # only rank 0 logs
+    metrics = read_json(out / 'metrics.json')
+    assert metrics['world_size'] == 2 and np.isfinite(metrics['val_rmse'])
+    assert torch.load(out / 'best.pt', weights_only=True)['model_name'] == 'cnn'
