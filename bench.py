@@ -324,7 +324,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             paths, table, images_np = load_faces(args, tmp, log)
             images = train.prepare_images(images_np, device, log)
-            ages = torch.from_numpy(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+            ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
 
             log('measuring the input pipeline (ours) ...')
             ours_calls, ours_s = bench_ours(args, images, ages, channels, device)

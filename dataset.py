@@ -9,6 +9,7 @@ person-grouped folds, and `to_model_input`, the ONE preprocessing path used by t
 validation, cross-validation and prediction.
 """
 import argparse
+import csv
 import datetime
 import hashlib
 import json
@@ -142,11 +143,13 @@ def read_csv_strict(path, columns):
         raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found {", ".join(df.columns)}')
     if len(df) == 0:
         raise DataError(f'{path}: has a header but no rows')
-    short = df[columns].isna().any(axis=1).to_numpy()  # pandas fills the fields a short row lacks with NaN
-    if short.any():
-        i = int(np.flatnonzero(short)[0])
-        raise DataError(f'{path}: row {i + 2} (line {i + 2}) has fewer fields than the header '
-                        f'(is the file truncated?): {",".join(df.iloc[i].dropna())}')
+    with open(path, newline='', encoding='utf-8') as f:  # pandas pads a short row with '' silently
+        reader = csv.reader(f)
+        width = len(next(reader))
+        for row in reader:
+            if 0 < len(row) < width:
+                raise DataError(f'{path}: line {reader.line_num} has {len(row)} of {width} fields '
+                                f'(is the file truncated?): {",".join(row)}')
     return df
 
 
@@ -214,7 +217,10 @@ def decode_image(path):
         with Image.open(path) as im:
             im.load()  # decode for real: a truncated file fails here, not at open()
             note = []
-            if im.mode != 'L':
+            if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):  # 16-bit grey: convert('L') would clip at 255
+                note.append(f'mode {im.mode}')
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+            elif im.mode != 'L':
                 note.append(f'mode {im.mode}')
                 im = im.convert('L')
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):

@@ -86,8 +86,12 @@ def resnet50(weights='imagenet'):
                 'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')"\n'
                 '  and copy that file there, or choose --weights none (train from scratch) '
                 'or --weights FILE (a state dict you have).')
-        state = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
-        net.load_state_dict(state)
+        try:  # weights_only: the file may have been copied from elsewhere; nothing in it may run
+            weights_api = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+            net.load_state_dict(weights_api.get_state_dict(progress=False, weights_only=True))
+        except Exception as e:
+            raise WeightsError(f'{cache} is not the ResNet-50 ImageNet weights ({type(e).__name__}); '
+                               'delete it and copy the file again, or choose --weights none') from None
     elif weights not in (None, 'none'):
         state = load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the head is new
