@@ -18,11 +18,7 @@ The rows of the table it prints:
   predict           train.predict, the evaluation path of train.py, cv.py and predict.py (no flip).
 On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of the loop.
 
-What we saw (synthetic faces, size 100): on 2 busy CPU cores the cnn trains at 40-60 images/s,
-resnet50 (batch 32) at 13-16, and ours/naive is 3-5x; on one H200 (bf16, batch 128) the cnn step
-does 32K images/s, resnet50 4.5K at 3% MFU (at 100 px the GPU most likely waits on Python and
-kernel launches; compare a bigger --batch-size), and ours/naive is 35-45x. CPU figures move with
-the machine's load: the load average is printed with them.
+README.md (Speed) has the figures measured on a 2-core CPU and on an H200.
 """
 import argparse
 import math
@@ -135,7 +131,7 @@ def bench_ours(args, images, ages, channels, device):
 
     def step():
         idx = torch.randint(len(images), (args.batch_size,), generator=pick, device=images.device)
-        x = dataset.to_model_input(images[idx.to(images.device)].to(device, non_blocking=True),
+        x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True),
                                    args.size, channels, generator=aug)
         if device.type == 'cuda':
             x = x.contiguous(memory_format=torch.channels_last)

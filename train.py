@@ -223,7 +223,7 @@ def predict(model, images, rows, size, channels, batch_size, device, tta=False):
     out = []
     rows = torch.as_tensor(rows)
     for start in range(0, len(rows), batch_size):
-        x_u8 = images[rows[start:start + batch_size].to(images.device)].to(device, non_blocking=True)
+        x_u8 = images.index_select(0, rows[start:start + batch_size].to(images.device)).to(device, non_blocking=True)
         views = (False, True) if tta else (False,)
         total = 0
         for flip in views:
@@ -402,7 +402,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
         tick, tick_images, seen = time.time(), 0, 0
         for step in range(state['step'], steps_per_epoch):
             idx = order[step * per_rank:(step + 1) * per_rank]
-            x = dataset.to_model_input(images[idx.to(images.device)].to(device, non_blocking=True),
+            x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True),
                                        args.size, channels, generator=aug)
             if device.type == 'cuda':
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -538,7 +538,7 @@ def main(argv=None):
     add_train_options(parser)
     parser.add_argument('--val-frac', type=float, default=0.2,
                         help='validation share, grouped by person (1/round(1/val_frac) of the people)')
-    parser.add_argument('--out-dir', help='run directory (default: runs/MODEL-LOSS, or runs/demo)')
+    parser.add_argument('--out-dir', help='run directory (default: runs/MODEL-LOSS-DATE-TIME, or runs/demo-DATE-TIME)')
     parser.add_argument('--resume', metavar='RUN_DIR', help='continue the run saved in RUN_DIR/last.pt')
     args = parse_args(parser, argv)
     if args.resume:
@@ -554,7 +554,8 @@ def main(argv=None):
         args = argparse.Namespace(**{**saved, 'resume': args.resume, 'out_dir': args.resume})
     else:
         resume = None
-        args.out_dir = args.out_dir or os.path.join('runs', 'demo' if args.demo else f'{args.model}-{args.loss}')
+        name = 'demo' if args.demo else f'{args.model}-{args.loss}'
+        args.out_dir = args.out_dir or os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
         if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
             parser.error(f'--out-dir {args.out_dir} already holds a run; choose a new --out-dir, '
                          f'or continue it with --resume {args.out_dir}')
