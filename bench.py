@@ -89,7 +89,7 @@ def load_faces(args, tmp, log):
     paths = [os.path.join(files['images'], p) for p in table['path']]
     images, problems = dataset.decode_all(paths)
     ages = table['age'].to_numpy(dtype=np.float64)
-    ok = np.array([p is None or p.startswith('converted') for p in problems]) & np.isfinite(ages)
+    ok = np.array([dataset.usable(p) for p in problems]) & np.isfinite(ages)
     if ok.sum() < 2:
         raise dataset.DataError(f'{root}: fewer than 2 readable images with an age in the first {args.n} rows')
     log(f'{ok.sum()} of {len(table)} images decoded ({len(table) - ok.sum()} dropped: unreadable or no age)')

@@ -43,7 +43,7 @@ def clean(table, image_root, args, log=print):
         paths = [os.path.join(image_root, p) for p in table['path']]
         log(f'decoding {len(paths)} images from {image_root} ...')
         images, problems = dataset.decode_all(paths)
-        bad = np.array([p is not None and not p.startswith('converted') for p in problems])
+        bad = np.array([not dataset.usable(p) for p in problems])
         removed = int((keep & bad).sum())
         keep &= ~bad
         report.append(('image missing or does not decode', removed, int(keep.sum())))

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -104,12 +105,15 @@ def command_line(script, parser, args):
 
 
 def summarize(results):
-    """One row per combination: mean and sample standard deviation (ddof=1) over folds, best first."""
+    """One row per combination: mean and sample standard deviation (ddof=1) over folds, best first.
+    A combination that diverged on any fold gets no mean (NaN) and sorts last."""
     metrics = ['rmse', 'mae', 'r2']
     grouped = results.groupby('combination', sort=False)
     summary = grouped[metrics].agg(['mean', 'std'])
     summary.columns = [f'{m}_{s}' for m, s in summary.columns]
     summary['folds'] = grouped.size()
+    summary['diverged'] = grouped['rmse'].apply(lambda r: int(r.isna().sum()))
+    summary.loc[summary['diverged'] > 0, list(summary.columns[:6])] = np.nan
     summary['seconds'] = grouped['seconds'].sum()
     return summary.sort_values('rmse_mean').reset_index()
 
@@ -151,9 +155,9 @@ def main(argv=None):
     n_cells = len(combos) * args.folds
     explicit = sys.argv[1:] if argv is None else argv
     if args.demo:  # the whole demo in about four minutes on a 2-core CPU
-        if '--epochs' not in explicit:
+        if not train.given(explicit, '--epochs'):
             args.epochs = CV_DEMO_EPOCHS[args.model]
-        if '--time-limit' not in explicit:
+        if not train.given(explicit, '--time-limit'):
             args.time_limit = round(4.0 / n_cells, 2)
     args.out_dir = args.out_dir or os.path.join('runs', 'cv-demo' if args.demo else f'cv-{args.model}')
 
@@ -179,8 +183,10 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
         if rank == 0:
             dataset.write_json(identity, config_path)
-        table, images = train.load_table(args, log)
+        table, images = train.load_table_once(args, rank, world, log)
         folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
+        if np.bincount(folds, minlength=args.folds).min() == 0:
+            raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; use fewer --folds')
         if rank == 0:
             dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
                               os.path.join(args.out_dir, 'folds.csv'))
@@ -242,8 +248,15 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
     val_rows = np.flatnonzero(folds == k)
     train_rows = train.training_rows(table, np.flatnonzero(folds != k), cell_args)
     log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
-    result = train.fit(cell_args, images, table, train_rows, val_rows, out, device, resume=resume, log=log)
-    result.pop('val_pred')
+    if len(train_rows) < 2:
+        raise dataset.DataError(f'fold {k}: fewer than 2 training rows left after the --train-* filters')
+    try:
+        result = train.fit(cell_args, images, table, train_rows, val_rows, out, device, resume=resume, log=log)
+        result.pop('val_pred')
+    except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
+        log(f'{tag} {combo_name(combo)} fold {k}: {e}')
+        result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'best_epoch': -1,
+                  'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 
@@ -261,6 +274,11 @@ def report(parser, args, combos, folds, table, log):
     dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))
     summary = summarize(results)
     dataset.write_csv(summary, os.path.join(args.out_dir, 'summary.csv'))
+    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format', '{:.3f}'.format):
+        log('\nsummary (mean and std over folds, best first):\n' + summary.to_string(index=False))
+    if summary['rmse_mean'].isna().all():
+        log('every combination diverged on some fold: no best combination (try lower learning rates)')
+        return
     best_name = summary['combination'].iloc[0]
     best = next(c for c in combos if combo_name(c) == best_name)
 
@@ -289,8 +307,6 @@ def report(parser, args, combos, folds, table, log):
                     if os.path.exists(path):
                         os.remove(path)
 
-    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format', '{:.3f}'.format):
-        log('\nsummary (mean and std over folds, best first):\n' + summary.to_string(index=False))
     log(f'\nbest: {best_name}: RMSE {summary["rmse_mean"].iloc[0]:.3f} +- {summary["rmse_std"].iloc[0]:.3f}, '
         f'R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold predictions pooled: RMSE {overall["rmse"]:.3f}, '
         f'R^2 {overall["r2"]:.3f}')

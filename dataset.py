@@ -233,6 +233,11 @@ def decode_image(path):
         return None, f'unreadable: {type(e).__name__}: {e}'.strip()
 
 
+def usable(problem):
+    """decode_image's problem -> can the image be used (perhaps after conversion)?"""
+    return problem is None or problem.startswith('converted')
+
+
 def decode_all(paths, workers=None):
     """Decode many images on threads (Pillow releases the GIL while decoding PNGs).
     Returns images (N, 100, 100) uint8 (zeros where unreadable) and a list of problems."""
@@ -265,7 +270,7 @@ def load_images(csv_path, table, image_root, log=print):
             return f['images'], f['ok']
     log(f'decoding {len(rel_paths)} images from {image_root} (once; cached in {cache})')
     images, problems = decode_all([os.path.join(image_root, p) for p in rel_paths])
-    ok = np.array([p is None or p.startswith('converted') for p in problems])
+    ok = np.array([usable(p) for p in problems])
     save_cache(csv_path, rel_paths, images, ok, log)
     return images, ok
 
@@ -278,7 +283,8 @@ def save_cache(csv_path, rel_paths, images, ok, log=print):
     try:
         write_atomic(cache, lambda tmp: np.savez(tmp, images=images, ok=ok))
         for old in os.listdir(folder):
-            if old.startswith(stem) and old.endswith('.npz') and old != os.path.basename(cache):
+            if (old.startswith(stem) and old.endswith('.npz') and '.tmp' not in old
+                    and old != os.path.basename(cache)):
                 os.remove(os.path.join(folder, old))
     except OSError as e:
         log(f'warning: could not write the image cache {cache} ({e}); decoding again next time')
@@ -505,7 +511,6 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
     os.remove(os.path.join(label_dir, parse_list(missing)))
     with open(os.path.join(label_dir, parse_list(corrupt)), 'r+b') as f:
         f.truncate(200)
-    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
 
     ids = np.sort(rng.choice(np.arange(1, int(n_judge * 1.42) + 1), n_judge, replace=False))
     judge, answers = [], []
@@ -522,6 +527,8 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
     write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
     # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
     write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
+    # Last: train.py takes a folder with wiki_labels.csv as complete.
+    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
     return root
 
 

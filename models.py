@@ -22,6 +22,15 @@ class WeightsError(Exception):
     """--weights cannot be honoured; the message says what to do instead."""
 
 
+class FP32Linear(nn.Linear):
+    """The one-number head in fp32 even under bf16 autocast: bf16 keeps 8 bits of mantissa, which
+    would round a standardised age to about 0.2 years before it is mapped back."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 class AgeRegressor(nn.Module):
     """backbone(x) -> one standardised age per image; `ages()` maps to years."""
 
@@ -45,7 +54,7 @@ def cnn():
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
                    nn.MaxPool2d(2)]
         c_in = c_out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, 1))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), FP32Linear(256, 1))
 
 
 def imagenet_cache_file():
@@ -101,7 +110,7 @@ def resnet50(weights='imagenet'):
             raise WeightsError(f'--weights {weights}: does not fit resnet50 '
                                f'({len(missing)} missing keys e.g. {missing[:2]}, '
                                f'{len(unexpected)} unexpected e.g. {unexpected[:2]})')
-    net.fc = nn.Linear(net.fc.in_features, 1)
+    net.fc = FP32Linear(net.fc.in_features, 1)
     return net
 
 

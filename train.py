@@ -33,7 +33,7 @@ LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss}
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 DEMO_DIR = os.path.join('data', 'demo')
 # Sized for a laptop CPU: the demo must learn the drawn age cues in about two minutes.
-DEMO_PRESET = dict(data=DEMO_DIR, model='cnn', weights='none', size=64, epochs=25, batch_size=32, lr=2e-3,
+DEMO_PRESET = dict(data=DEMO_DIR, model='cnn', weights='none', epochs=25, batch_size=32, lr=2e-3,
                    time_limit=2.5, patience=10)
 DEMO_SIZE = {'cnn': 64, 'resnet50': 32}  # ResNet-50 trains ~60 images/s on 2 cores at 32 px
 
@@ -45,8 +45,8 @@ def add_train_options(parser):
     parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, wiki_labeled/)')
     parser.add_argument('--csv', help='clean CSV from clean_data.py (default: DATA/wiki_labels_clean.csv)')
     parser.add_argument('--model', default='resnet50', choices=models.MODELS)
-    parser.add_argument('--weights', default='imagenet',
-                        help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE')
+    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
+                                          '(default: imagenet for resnet50, none for cnn)')
     parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES))
     parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--batch-size', type=int, default=128, help='images per step, over all GPUs')
@@ -94,10 +94,17 @@ def parse_args(parser, argv):
     if '--demo' in argv:
         parser.set_defaults(**DEMO_PRESET)  # flags given explicitly still win
     args = parser.parse_args(argv)
-    if args.demo and '--size' not in argv:
+    if args.demo and not given(argv, '--size'):
         args.size = DEMO_SIZE[args.model]
+    if args.weights is None:
+        args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
     check_args(parser, args)
     return args
+
+
+def given(argv, flag):
+    """Was flag on the command line, as '--flag VALUE' or '--flag=VALUE'?"""
+    return any(a == flag or a.startswith(flag + '=') for a in argv)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -170,6 +177,15 @@ def load_table(args, log=print):
         keep = np.sort(np.random.default_rng(args.seed).choice(len(table), args.limit, replace=False))
         table, images = table.iloc[keep].reset_index(drop=True), images[keep]
     return table, images
+
+
+def load_table_once(args, rank, world, log=print):
+    """Under torchrun, rank 0 makes the demo data and the image cache; the others then read them."""
+    if world > 1:
+        if rank == 0:
+            load_table(args, log)
+        dist.barrier()
+    return load_table(args, log)
 
 
 def training_rows(table, rows, args):
@@ -285,6 +301,10 @@ class Stop:
             signal.signal(s, handler)
 
 
+class Diverged(Exception):
+    """The loss or the validation error stopped being a finite number."""
+
+
 def fmt_time(seconds):
     seconds = int(max(seconds, 0))
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -310,7 +330,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
     """Train on images[train_rows], validate on images[val_rows] every epoch, keep the best.
 
     images: uint8 tensor (N, 100, 100), on `device` when it fits (no copy per batch) or on the CPU.
-    Returns a dict of final metrics; raises SystemExit on NaN loss, after a signal or bad input."""
+    Returns a dict of final metrics. Raises Diverged on a NaN/inf loss, SystemExit after a signal."""
     main_rank = rank == 0
     ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
     train_rows = torch.as_tensor(train_rows)
@@ -423,12 +443,13 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
             state['step'] = step + 1
             last = step + 1 == steps_per_epoch
             logging_step = (step + 1) % args.log_every == 0 or last
-            if logging_step or device.type == 'cpu':  # a sync only at log steps on GPUs
+            if logging_step or (device.type == 'cpu' and world == 1):  # a sync only at log steps on GPUs
+                if world > 1:
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # every rank stops at the same step
                 bad = int(first_bad)
                 if bad >= 0:
-                    log(f'error: the loss became NaN/inf at epoch {epoch + 1} step {bad + 1}; stopping. '
-                        f'The last good checkpoint is kept in {out_dir} (try a lower --lr).')
-                    raise SystemExit(1)
+                    raise Diverged(f'the loss became NaN/inf at epoch {epoch + 1} step {bad + 1}; stopping. '
+                                   f'The last good checkpoint is kept in {out_dir} (try a lower --lr).')
             if logging_step:
                 state['loss_sum'] += float(loss_sum)
                 state['loss_count'] += seen
@@ -465,8 +486,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
             state['loss_count'] += seen
         metrics, _ = evaluate()
         if not math.isfinite(metrics['rmse']):
-            log(f'error: validation RMSE is not finite after epoch {epoch + 1}; stopping')
-            raise SystemExit(1)
+            raise Diverged(f'the validation RMSE is not finite after epoch {epoch + 1}; stopping (try a lower --lr)')
         improved = metrics['rmse'] < state['best_val_rmse']
         state['epoch'] += 1 if stopped == 'completed' else 0
         state['step'] = 0
@@ -483,9 +503,12 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
         else:
             state['bad_epochs'] += 1
         if main_rank:
+            left = (args.epochs - epoch - 1) * row['seconds'] / max(len(state['history']), 1)
+            if deadline:
+                left = min(left, deadline - time.time())
             log(f'epoch {epoch + 1}/{args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {metrics["rmse"]:.3f} '
-                f'val_mae {metrics["mae"]:.3f} val_r2 {metrics["r2"]:.3f}{"  *best" if improved else ""} '
-                f'({fmt_time(row["seconds"])})')
+                f'val_mae {metrics["mae"]:.3f} val_r2 {metrics["r2"]:.3f} {row["img_per_s"]:.0f} img/s '
+                f'elapsed {fmt_time(row["seconds"])} left ~{fmt_time(left)}{"  *best" if improved else ""}')
             dataset.write_csv(pd.DataFrame(state['history']), os.path.join(out_dir, 'history.csv'))
             if stopped == 'completed' and state['epoch'] < args.epochs:
                 save(os.path.join(out_dir, 'last.pt'), checkpoint('last'))
@@ -560,13 +583,17 @@ def main(argv=None):
             parser.error(f'--out-dir {args.out_dir} already holds a run; choose a new --out-dir, '
                          f'or continue it with --resume {args.out_dir}')
     rank, world, device = setup_distributed(args)
+    if world > 1:  # the ranks may have stamped their default --out-dir a second apart: use rank 0's
+        out_dir = [args.out_dir]
+        dist.broadcast_object_list(out_dir, src=0)
+        args.out_dir = out_dir[0]
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     Stop.install()
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        table, images = load_table(args, log)
+        table, images = load_table_once(args, rank, world, log)
         folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
         val_rows = np.flatnonzero(folds == 0)
         train = training_rows(table, np.flatnonzero(folds != 0), args)
@@ -574,7 +601,7 @@ def main(argv=None):
             raise dataset.DataError(f'too few rows to split ({len(table)} rows, {table["person"].nunique()} people)')
         images = prepare_images(images, device, log)
         result = fit(args, images, table, train, val_rows, args.out_dir, device, rank, world, resume, log)
-    except (dataset.DataError, models.WeightsError) as e:
+    except (dataset.DataError, models.WeightsError, Diverged) as e:
         log(f'error: {e}')
         return 1
     except torch.OutOfMemoryError:

@@ -5,9 +5,11 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import cv
 import predict
+import train
 
 FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
         '--device', 'cpu', '--log-every', '100']
@@ -147,3 +149,18 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
         fold_rows = pd.read_csv(os.path.join(out, 'folds.csv')).query('fold != @k')['ID']
         ages = clean.set_index('ID').loc[fold_rows, 'age']
         assert r['n_train'] == int((ages <= 25).sum())
+
+
+def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monkeypatch):
+    class NaNLoss(torch.nn.MSELoss):
+        def forward(self, out, y):
+            return super().forward(out, y) * float('nan')
+
+    monkeypatch.setitem(train.LOSSES, 'mse', NaNLoss)
+    out = str(tmp_path / 'run')
+    assert cv.main(['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--grid', 'loss=mse,smoothl1',
+                    '--out-dir', out]) == 0
+    summary = pd.read_csv(os.path.join(out, 'summary.csv'))
+    assert list(summary['combination']) == ['loss=smoothl1', 'loss=mse']
+    assert list(summary['diverged']) == [0, 2] and np.isnan(summary['rmse_mean'][1])
+    assert pd.read_csv(os.path.join(out, 'fold_models.csv'))['checkpoint'].str.contains('smoothl1').all()

@@ -588,3 +588,21 @@ def test_write_atomic_new_folder_and_extension(tmp_path):
     with np.load(dest) as f:
         np.testing.assert_array_equal(f['a'], [0, 1, 2])
     assert os.listdir(dest.parent) == ['cache.npz']
+
+
+def test_augmentation_grid_matches_affine_grid():
+    """The hand-built sampling grid samples where F.affine_grid with the same matrix would."""
+    import torch.nn.functional as F
+    x = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
+    out = dataset.to_model_input(x, 64, 1, generator=torch.Generator().manual_seed(3))
+    p = dataset.augment_params(6, torch.Generator().manual_seed(3), 'cpu')
+    cos, sin = p['angle'].cos(), p['angle'].sin()
+    theta = torch.stack([torch.stack([p['w'] * p['flip'] * cos, -p['h'] * sin, p['cx']], 1),
+                         torch.stack([p['w'] * p['flip'] * sin, p['h'] * cos, p['cy']], 1)], 1)
+    grid = F.affine_grid(theta, (6, 1, 64, 64), align_corners=False)
+    ref = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode='border', align_corners=False)
+    mean = ref.mean(dim=(1, 2, 3), keepdim=True)
+    c, b = p['contrast'].view(-1, 1, 1, 1), p['brightness'].view(-1, 1, 1, 1)
+    ref = (((ref - mean) * c + mean) * b).clamp(0, 1)
+    ref = (ref - dataset.GREY_MEAN) / dataset.GREY_STD
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)

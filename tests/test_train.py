@@ -1,4 +1,5 @@
 """train.py and predict.py through their real entry points, on tiny synthetic data, on the CPU."""
+import argparse
 import json
 import os
 import shutil
@@ -163,9 +164,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_d
 
     monkeypatch.setitem(train.LOSSES, 'mse', PoisonedMSE)
     out = tmp_path / 'run'
-    with pytest.raises(SystemExit) as e:
-        run_train(tiny_data, out, '--loss', 'mse', '--epochs', '3')
-    assert e.value.code == 1
+    assert run_train(tiny_data, out, '--loss', 'mse', '--epochs', '3') == 1
     text = capsys.readouterr().out
     steps = int(text.split(' steps/epoch')[0].rsplit('(', 1)[1])
     assert f'NaN/inf at epoch {1 + 8 // steps} step {8 % steps + 1}' in text
@@ -232,6 +231,35 @@ def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path
     assert read_json(tmp_path / 'straight' / 'metrics.json')['val_rmse'] == read_json(tmp_path / 'cut' / 'metrics.json')['val_rmse']
 
 
+def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path):
+    proc = subprocess.Popen([sys.executable, 'train.py', '--data', tiny_data, *FAST, '--out-dir', str(tmp_path / 'run')],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ''
+    for line in proc.stdout:
+        out += line
+        if line.startswith('epoch 1/2 step 2/'):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+    assert 'SIGTERM: stopping after this step' in out and 'Traceback' not in out
+    last = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
+    assert last['state']['epoch'] == 0 and last['state']['step'] >= 2
+    assert run_script(['train.py', '--resume', str(tmp_path / 'run')]).returncode == 0
+    assert read_json(tmp_path / 'run' / 'metrics.json')['epochs_run'] == 2
+
+
+def test_weights_default_follows_the_model_and_demo_size_flag_wins():
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    assert train.parse_args(parser, ['--model', 'cnn']).weights == 'none'
+    assert train.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    assert train.parse_args(parser, ['--demo', '--size=48']).size == 48
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    assert train.parse_args(parser, ['--demo', '--model', 'resnet50']).size == train.DEMO_SIZE['resnet50']
+
+
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     out = tmp_path / 'ddp'
     proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
@@ -242,3 +270,14 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     metrics = read_json(out / 'metrics.json')
     assert metrics['world_size'] == 2 and np.isfinite(metrics['val_rmse'])
     assert torch.load(out / 'best.pt', weights_only=True)['model_name'] == 'cnn'
+
+
+def test_torchrun_cv_spreads_the_folds_over_two_processes(tiny_data, tmp_path):
+    out = tmp_path / 'cv'
+    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'cv.py',
+                       '--data', tiny_data, '--out-dir', str(out), '--folds', '2', *FAST],
+                      env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = pd.read_csv(out / 'results.csv')
+    assert sorted(results['fold']) == [0, 1] and results['rmse'].notna().all()
+    assert proc.stdout.count('summary (mean and std') == 1  # rank 0 reports
