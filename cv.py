@@ -40,6 +40,9 @@ NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'co
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_train_options(parser)
+    for action in parser._actions:
+        if action.dest == 'time_limit':
+            action.help = 'minutes for EACH (combination, fold) run; it stops cleanly after the step that crosses it'
     parser.add_argument('--folds', type=int, default=5)
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')

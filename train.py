@@ -562,7 +562,9 @@ def main(argv=None):
     parser.add_argument('--val-frac', type=float, default=0.2,
                         help='validation share, grouped by person (1/round(1/val_frac) of the people)')
     parser.add_argument('--out-dir', help='run directory (default: runs/MODEL-LOSS-DATE-TIME, or runs/demo-DATE-TIME)')
-    parser.add_argument('--resume', metavar='RUN_DIR', help='continue the run saved in RUN_DIR/last.pt')
+    parser.add_argument('--resume', metavar='RUN_DIR',
+                        help='continue the run saved in RUN_DIR/last.pt with its saved options '
+                             '(only --device, --time-limit and --log-every may change)')
     args = parse_args(parser, argv)
     if args.resume:
         last = os.path.join(args.resume, 'last.pt')
