@@ -144,6 +144,23 @@ def test_impossible_options_are_usage_errors(tiny_data, tmp_path, capsys, flags,
     assert message in capsys.readouterr().err
 
 
+def test_unreadable_images_in_the_clean_csv_are_skipped_and_counted(tmp_path, capsys):
+    """With --no-image-check the clean CSV keeps the missing and the truncated PNG of the demo data:
+    training skips exactly those rows, says so, and runs."""
+    import clean_data
+    data = tmp_path / 'data'
+    dataset.make_demo_data(str(data), n=200, n_judge=5, seed=1)
+    assert clean_data.main(['--data', str(data), '--no-image-check', '--min-face-score=-inf',
+                            '--keep-second-face', '--min-age', '0', '--max-age', '1000']) == 0
+    capsys.readouterr()
+    assert run_train(str(data), tmp_path / 'run', '--epochs', '1') == 0
+    out = capsys.readouterr().out
+    labels = dataset.read_labels(str(data / 'wiki_labels.csv'))
+    bad_ids = [int(labels['ID'][7]), int(labels['ID'][11])]  # the demo's missing and truncated files
+    assert f'skipping 2 row(s) whose image cannot be read, IDs {bad_ids}' in out
+    assert read_json(tmp_path / 'run' / 'metrics.json')['n_train'] + read_json(tmp_path / 'run' / 'metrics.json')['n_val'] == 198
+
+
 def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys):
     assert train.main(['--data', str(tmp_path), '--out-dir', str(tmp_path / 'run'), *FAST]) == 1
     assert 'wiki_labels_clean.csv not found' in capsys.readouterr().out
