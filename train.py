@@ -403,6 +403,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
         return bool(t.item())
 
     start = time.time()
+    epochs_before = len(state['history'])  # a resumed run times only its own epochs
     deadline = start + args.time_limit * 60 if args.time_limit else None
     stopped = 'completed'
     log(f'training {args.model} on {len(train_rows)} images, validating on {len(val_rows)} '
@@ -503,7 +504,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
         else:
             state['bad_epochs'] += 1
         if main_rank:
-            left = (args.epochs - epoch - 1) * row['seconds'] / max(len(state['history']), 1)
+            left = (args.epochs - epoch - 1) * row['seconds'] / max(len(state['history']) - epochs_before, 1)
             if deadline:
                 left = min(left, deadline - time.time())
             log(f'epoch {epoch + 1}/{args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {metrics["rmse"]:.3f} '
