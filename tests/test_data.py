@@ -2,7 +2,7 @@
 
     python -m pytest -q tests/test_data.py
 
-Nothing here reads ../shared or the network: every CSV is written by hand in Kaggle's format and
+Nothing here reads the benchmark data or the network: every CSV is written by hand in Kaggle's format and
 every image is a small PNG drawn with numpy and Pillow.
 """
 import math
