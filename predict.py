@@ -81,8 +81,9 @@ def main(argv=None):
         parser.error(f'--batch-size must be positive, got {args.batch_size}')
     device = train.pick_device(args.device)
     try:
-        judge = test_table(dataset.find_files(args.data), args.data)
-        image_root = dataset.find_files(args.data)['judge_images']
+        files = dataset.find_files(args.data)
+        judge = test_table(files, args.data)
+        image_root = files['judge_images']
         images, problems = dataset.decode_all([os.path.join(image_root, p) for p in judge['path']])
         bad = np.array([not dataset.usable(p) for p in problems])
         paths = checkpoint_files(args.checkpoint)

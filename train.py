@@ -181,11 +181,13 @@ def load_table(args, log=print):
 
 def load_table_once(args, rank, world, log=print):
     """Under torchrun, rank 0 makes the demo data and the image cache; the others then read them."""
+    if rank == 0:
+        loaded = load_table(args, log)
     if world > 1:
-        if rank == 0:
-            load_table(args, log)
         dist.barrier()
-    return load_table(args, log)
+    if rank != 0:
+        loaded = load_table(args, log)
+    return loaded
 
 
 def training_rows(table, rows, args):
@@ -546,14 +548,15 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
 
 
 def prepare_images(images, device, log=print):
-    """The whole uint8 array on the GPU when it fits (0.6 GB for 60K faces), else pinned host memory."""
+    """The whole uint8 array on the GPU when it fits (0.6 GB for 60K faces), else in host memory
+    (each batch is then gathered on the CPU and copied over)."""
     images = torch.from_numpy(np.ascontiguousarray(images))
     if device.type == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
         if images.numel() < free / 4:
             return images.to(device)
         log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has {free / 1e9:.1f} GB free')
-        return images.pin_memory()
+        return images
     return images.to(device)
 
 
