@@ -203,7 +203,7 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         if rank == 0:
-            report(parser, args, combos, folds, table, log)
+            report(parser, args, combos, log)
     except (dataset.DataError, models.WeightsError) as e:
         log(f'error: {e}')
         return 1
@@ -264,7 +264,7 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
                        os.path.join(out, 'result.json'))
 
 
-def report(parser, args, combos, folds, table, log):
+def report(parser, args, combos, log):
     rows = []
     for combo in combos:
         for k in range(args.folds):
