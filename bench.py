@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
+import demo_data
 import models
 import train
 
@@ -82,7 +83,7 @@ def load_faces(args, tmp, log):
     else:
         root = os.path.join(tmp, 'demo')
         log(f'making {args.n} synthetic faces in {root}')
-        dataset.make_demo_data(root, n=args.n, n_judge=10, seed=args.seed)
+        demo_data.make_demo_data(root, n=args.n, n_judge=10, seed=args.seed)
     files = dataset.find_files(root)
     dataset.require(files, root, 'labels', 'images')
     table = dataset.read_labels(files['labels']).head(args.n)
@@ -131,10 +132,8 @@ def bench_ours(args, images, ages, channels, device):
 
     def step():
         idx = torch.randint(len(images), (args.batch_size,), generator=pick, device=images.device)
-        x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True),
-                                   args.size, channels, generator=aug)
-        if device.type == 'cuda':
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = train.model_input(images.index_select(0, idx).to(device, non_blocking=True), args.size, channels, device,
+                              generator=aug)
         y = ages[idx.to(ages.device)].to(device, non_blocking=True)
         return x, y
 
@@ -167,41 +166,25 @@ def bench_naive(args, paths, ages, channels, device):
 
 
 def bench_step(args, train_args, images, ages, channels, device):
-    """The model alone: forward, loss, backward, optimizer step on one batch made once, with fit's
-    choices (autocast dtype, channels_last and fused AdamW on CUDA, the same loss)."""
-    torch.manual_seed(args.seed)
+    """The model alone: train.train_step (forward, loss, backward, AdamW step) on one batch made
+    once, with the model and optimizer that train.fit builds."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    model = models.build_model(args.model, 'none', y_mean, max(y_std, 1e-3)).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.lr, weight_decay=train_args.weight_decay,
-                                  fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda' and not torch.cuda.is_bf16_supported())
+    model, _ = train.build_model(train_args, y_mean, y_std, device)
+    optimizer, scaler = train.build_optimizer(model, train_args, device)
     criterion = train.LOSSES[train_args.loss]()
     idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
-    x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
-                               generator=torch.Generator(device=device).manual_seed(args.seed))
-    if device.type == 'cuda':
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = train.model_input(images[idx.to(images.device)].to(device), args.size, channels, device,
+                          generator=torch.Generator(device=device).manual_seed(args.seed))
     y = (ages[idx.to(ages.device)].to(device) - y_mean) / y_std
     model.train()
 
-    def forward_backward():
-        with train.autocast(device):
-            out = model(x)
-        loss = criterion(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-
     def step():
-        forward_backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train.train_step(model, optimizer, scaler, criterion, x, y)
 
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
-    # backward (the optimizer's elementwise work is a rounding error next to them).
+    # backward (the optimizer's elementwise work is not counted, and is a rounding error next to them).
     with FlopCounterMode(display=False) as counter:
-        forward_backward()
+        step()
     calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
     return model, calls, seconds, counter.get_total_flops()
 
@@ -271,7 +254,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     parser.add_argument('--model', default='resnet50', choices=models.MODELS)
     parser.add_argument('--size', type=int, default=100, help='model input size in pixels')
     parser.add_argument('--batch-size', type=int, default=128)
@@ -345,7 +328,7 @@ def main(argv=None):
             log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
             loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp, fit_log)
     except (dataset.DataError, models.WeightsError) as e:
-        log(f'error: {e}')
+        train.error(e)
         return 1
 
     ours = ours_calls * args.batch_size / ours_s

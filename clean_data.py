@@ -66,7 +66,7 @@ def clean(table, image_root, args, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and wiki_labeled/')
     parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
     parser.add_argument('--min-face-score', type=float, default=1.0,
@@ -86,12 +86,13 @@ def main(argv=None):
         dataset.require(files, args.data, 'labels', 'images')
         table = dataset.read_labels(files['labels'])
         kept, images, report = clean(table, files['images'], args)
-        dataset.write_csv(kept[dataset.CLEAN_COLUMNS], out)
     except dataset.DataError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    try:
+        dataset.write_csv(kept[dataset.CLEAN_COLUMNS], out)
     except OSError as e:
-        print(f'error: cannot write {out}: {e.strerror}; choose another place with --out', file=sys.stderr)
+        print(f'error: cannot write {out}: {e.strerror or e}; choose another place with --out', file=sys.stderr)
         return 1
     if images is not None:  # the kept rows are decoded already: cache them for train.py
         dataset.save_cache(out, list(kept['path']), images, np.ones(len(kept), bool))

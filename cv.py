@@ -33,17 +33,14 @@ import models
 import train
 
 # Options that say where and how to run, not what to train: not part of a run's identity.
-CV_DEMO_EPOCHS = {'cnn': 10, 'resnet50': 5}
-NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit', 'seed'}
+NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit', 'seed',
+                 'folds', 'grid', 'out_dir', 'keep_all_models'}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     train.add_train_options(parser)
-    for action in parser._actions:
-        if action.dest == 'time_limit':
-            action.help = 'minutes for EACH (combination, fold) run; it stops cleanly after the step that crosses it'
-    parser.add_argument('--folds', type=int, default=5)
+    parser.add_argument('--folds', type=int, default=5, help='folds, grouped by person')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')
     parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo)')
@@ -54,33 +51,28 @@ def build_parser():
 
 def parse_grid(parser, items):
     """['lr=1e-3,3e-4', 'loss=mse'] -> [{'lr': 0.001, 'loss': 'mse'}, {'lr': 0.0003, 'loss': 'mse'}].
-    Values are converted and checked like the command-line option of the same name."""
-    actions = {a.dest: a for a in parser._actions}
+    Each value is parsed by the command-line option of the same name, so it is converted and
+    checked exactly as `--lr 1e-3` would be."""
+    defaults = vars(parser.parse_args([]))
     keys, value_lists = [], []
     for item in items:
         key, sep, values = item.partition('=')
         key = key.strip().lstrip('-').replace('-', '_')
         if not sep or not values:
             parser.error(f'--grid {item!r}: expected OPTION=V1,V2,...')
-        if key not in actions or key in NOT_GRIDDABLE or key in ('folds', 'grid', 'out_dir', 'keep_all_models', 'help'):
+        if key not in defaults or key in NOT_GRIDDABLE:
             parser.error(f'--grid {item!r}: {key} is not a training option that can be searched')
         if key in keys:
             parser.error(f'--grid: {key} is given twice')
-        action, converted = actions[key], []
+        flag, converted = '--' + key.replace('_', '-'), []
         for v in values.split(','):
             v = v.strip()
-            if isinstance(action, argparse._StoreTrueAction):
+            if defaults[key] is False:  # a switch such as --no-augment
                 if v.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
                     parser.error(f'--grid {key}: {v!r} is not true/false')
                 converted.append(v.lower() in ('true', '1', 'yes'))
-                continue
-            try:
-                v = action.type(v) if action.type else v
-            except ValueError:
-                parser.error(f'--grid {key}: {v!r} is not a valid {action.type.__name__}')
-            if action.choices and v not in action.choices:
-                parser.error(f'--grid {key}: {v!r} is not one of {", ".join(map(str, action.choices))}')
-            converted.append(v)
+            else:
+                converted.append(getattr(parser.parse_args([f'{flag}={v}']), key))
         keys.append(key)
         value_lists.append(converted)
     return [dict(zip(keys, combo)) for combo in itertools.product(*value_lists)]
@@ -93,17 +85,15 @@ def combo_name(combo):
     return '_'.join(re.sub(r'[^A-Za-z0-9.=+-]', '-', f'{k}={v}') for k, v in combo.items())
 
 
-def command_line(script, parser, args):
+def command_line(script, args):
     """The command that reproduces args: every option that differs from its default."""
     parts = ['python', script]
     defaults = vars(build_parser().parse_args([]))  # not the --demo presets: those must be spelled out
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ('help', 'grid', 'demo') or action.dest not in vars(args):
+    for key, value in vars(args).items():
+        if key in ('grid', 'demo') or key not in defaults or value is None or value == defaults[key]:
             continue
-        value, flag = getattr(args, action.dest), action.option_strings[0]
-        if value == defaults.get(action.dest) or value is None:
-            continue
-        parts += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+        flag = '--' + key.replace('_', '-')
+        parts += [flag] if value is True else [flag, str(value)]
     return ' '.join(parts)
 
 
@@ -149,19 +139,13 @@ def plot_error_by_decade(path, age, pred, title):
 
 def main(argv=None):
     parser = build_parser()
-    args = train.parse_args(parser, argv)
+    args = train.parse_args(parser, argv, count_runs=lambda a: len(parse_grid(parser, a.grid)) * a.folds)
     if args.folds < 2:
         parser.error(f'--folds must be at least 2, got {args.folds}')
     combos = parse_grid(parser, args.grid)
     for combo in combos:  # each combination must be a valid train.py run
         train.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
     n_cells = len(combos) * args.folds
-    explicit = sys.argv[1:] if argv is None else argv
-    if args.demo:  # the whole demo in about four minutes on a 2-core CPU
-        if not train.given(explicit, '--epochs'):
-            args.epochs = CV_DEMO_EPOCHS[args.model]
-        if not train.given(explicit, '--time-limit'):
-            args.time_limit = round(4.0 / n_cells, 2)
     args.out_dir = args.out_dir or os.path.join('runs', 'cv-demo' if args.demo else f'cv-{args.model}')
 
     # The same command again resumes; a different one must not mix its results into this folder.
@@ -177,58 +161,46 @@ def main(argv=None):
     elif os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         parser.error(f'--out-dir {args.out_dir} exists and is not a cv.py run; choose a new --out-dir')
 
-    rank, world, device = setup(args)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    train.Stop.install()
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if rank == 0:
-            dataset.write_json(identity, config_path)
-        table, images = train.load_table_once(args, rank, world, log)
-        folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
-        if np.bincount(folds, minlength=args.folds).min() == 0:
-            raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; use fewer --folds')
-        if rank == 0:
-            dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
-                              os.path.join(args.out_dir, 'folds.csv'))
-        log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
-            f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
-        images = train.prepare_images(images, device, log)
-        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
-        for i, (c, k) in enumerate(cells):
-            if i % world == rank:
-                run_cell(args, combos[c], k, folds, table, images, device, log, f'[{i + 1}/{n_cells}]')
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            report(parser, args, combos, log)
-    except (dataset.DataError, models.WeightsError) as e:
-        log(f'error: {e}')
+        # Under torchrun each process takes every world_size-th (combination, fold) run on its own
+        # GPU; gloo only for the final barrier, with a long timeout: a rank may wait hours for the others.
+        with train.distributed(args.device, backend='gloo', timeout=datetime.timedelta(days=7)) as (rank, world, device):
+            log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+            if device.type == 'cuda':
+                torch.backends.cudnn.benchmark = True
+            os.makedirs(args.out_dir, exist_ok=True)
+            if rank == 0:
+                dataset.write_json(identity, config_path)
+            table, images = train.load_table_once(args, rank, world, log)
+            folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
+            if np.bincount(folds, minlength=args.folds).min() == 0:
+                raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; '
+                                        'use fewer --folds')
+            if rank == 0:
+                dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
+                                  os.path.join(args.out_dir, 'folds.csv'))
+            log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
+                f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
+            images = train.prepare_images(images, device, log)
+            cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+            for i, (c, k) in enumerate(cells):
+                if i % world == rank:
+                    run_cell(args, combos[c], k, folds, table, images, device, log, f'[{i + 1}/{n_cells}]')
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                report(args, combos, log)
+    except (dataset.DataError, models.WeightsError, train.CheckpointError) as e:
+        train.error(e)
         return 1
     except torch.OutOfMemoryError:
-        log(f'error: out of GPU memory at --batch-size {args.batch_size}; try --batch-size {max(1, args.batch_size // 2)}')
+        train.error(f'out of GPU memory at --batch-size {args.batch_size}; '
+                    f'try --batch-size {max(1, args.batch_size // 2)}')
         return 1
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    except KeyboardInterrupt:
+        train.error('interrupted; run the same command again to go on')
+        return 130
     return 0
-
-
-def setup(args):
-    """Under torchrun each process takes every world_size-th (combination, fold) run on its own GPU."""
-    if 'RANK' not in os.environ:
-        return 0, 1, train.pick_device(args.device)
-    # gloo only for the final barrier; a long timeout because a rank may wait hours for the others
-    dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available() and args.device != 'cpu':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    return rank, world, device
 
 
 def cell_dir(args, combo, k):
@@ -264,7 +236,13 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
                        os.path.join(out, 'result.json'))
 
 
-def report(parser, args, combos, log):
+def report(args, combos, log):
+    missing = [os.path.join(cell_dir(args, combo, k), 'result.json')
+               for combo in combos for k in range(args.folds)
+               if not os.path.exists(os.path.join(cell_dir(args, combo, k), 'result.json'))]
+    if missing:  # a torchrun process failed, or the files went missing after the run
+        raise dataset.DataError(f'{len(missing)} run(s) have no result: {", ".join(missing[:5])}'
+                                f'{" ..." if len(missing) > 5 else ""}; run the same command again to train them')
     rows = []
     for combo in combos:
         for k in range(args.folds):
@@ -314,7 +292,7 @@ def report(parser, args, combos, log):
         f'R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold predictions pooled: RMSE {overall["rmse"]:.3f}, '
         f'R^2 {overall["r2"]:.3f}')
     best_args = argparse.Namespace(**{**vars(args), **best, 'out_dir': None})
-    log('reproduce the best combination:\n  ' + command_line('cv.py', parser, best_args))
+    log('reproduce the best combination:\n  ' + command_line('cv.py', best_args))
     log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} --data {args.data}')
 
 

@@ -1,35 +1,40 @@
-"""Reading the Kaggle files, decoding the faces once, batch augmentation, and the synthetic demo data.
+"""Reading the Kaggle files, decoding the faces once, person-grouped folds and batch augmentation.
 
-    python dataset.py --demo data/demo          # write the synthetic Kaggle-layout demo folder
-    python dataset.py --demo data/demo --n 3000 # a bigger one
-
-The other scripts import from here: the CSV parsers (Kaggle writes list literals, `#NAME?` and
-numpy-printed arrays), the image cache (every image decoded once into one uint8 array), the
+The other scripts import from here: the CSV parsers (Kaggle writes list literals and `#NAME?`),
+the image cache (every image decoded once into one uint8 array), the
 person-grouped folds, and `to_model_input`, the ONE preprocessing path used by training,
 validation, cross-validation and prediction.
 """
 import argparse
 import csv
-import datetime
 import hashlib
 import json
 import math
 import os
-import re
-import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 IMAGE_SIZE = 100  # the Kaggle crops are 100x100; the cache always holds this size
 LABEL_COLUMNS = ['ID', 'dob', 'dob_str', 'photo_taken', 'full_path', 'gender', 'name',
                  'face_location', 'face_score', 'second_face_score', 'age']
 JUDGE_COLUMNS = ['ID', 'full_path']
 CLEAN_COLUMNS = ['ID', 'path', 'age', 'gender', 'face_score', 'second_face_score', 'person', 'name']
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring's command lines as written, and each option's
+    default once (not for flags, nor where the help already says what happens without the option)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or '(default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class DataError(Exception):
@@ -121,12 +126,6 @@ def parse_float(text):
         return None  # the caller names the row
 
 
-def parse_face_location(text):
-    """numpy's print format with varying spaces: '[[111.29 111.29 252.67 252.67]]' -> 4 floats."""
-    numbers = re.findall(r'[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?', str(text))
-    return [float(n) for n in numbers[:4]] if len(numbers) >= 4 else None
-
-
 def read_csv_strict(path, columns):
     """Read a CSV as text. Names the file and the problem: missing file or columns, empty file,
     a row with too few fields (a file cut off mid-row)."""
@@ -138,6 +137,8 @@ def read_csv_strict(path, columns):
         raise DataError(f'{path}: the file is empty') from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f'{path}: cannot parse as CSV ({e})') from None
+    except OSError as e:  # a folder, no permission to read, an I/O error
+        raise DataError(f'{path}: cannot read ({e.strerror or e})') from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found {", ".join(df.columns)}')
@@ -161,11 +162,20 @@ def parse_column(df, column, path, allow_nan=True):
     return np.array(values, dtype=np.float64)
 
 
+def parse_id_column(df, column, path):
+    """Whole-number IDs; anything else names its line."""
+    values = parse_column(df, column, path, allow_nan=False)
+    for i, v in enumerate(values):
+        if not (math.isfinite(v) and v == int(v)):
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a whole number')
+    return values.astype(np.int64)
+
+
 def read_labels(path):
     """wiki_labels.csv exactly as Kaggle ships it -> one plain table (CLEAN_COLUMNS plus extras)."""
     df = read_csv_strict(path, LABEL_COLUMNS)
     out = pd.DataFrame({
-        'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+        'ID': parse_id_column(df, 'ID', path),
         'path': [parse_list(p) for p in df['full_path']],
         'age': parse_column(df, 'age', path),
         'gender': parse_column(df, 'gender', path),
@@ -189,7 +199,7 @@ def read_clean(path):
     """The CSV that clean_data.py writes."""
     df = read_csv_strict(path, CLEAN_COLUMNS)
     out = pd.DataFrame({
-        'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+        'ID': parse_id_column(df, 'ID', path),
         'path': df['path'],
         'age': parse_column(df, 'age', path, allow_nan=False),
         'gender': parse_column(df, 'gender', path),
@@ -204,7 +214,7 @@ def read_clean(path):
 def read_judge(path):
     """wiki_judge.csv: ID and image file name (the other columns are optional metadata)."""
     df = read_csv_strict(path, JUDGE_COLUMNS)
-    return pd.DataFrame({'ID': parse_column(df, 'ID', path, allow_nan=False).astype(np.int64),
+    return pd.DataFrame({'ID': parse_id_column(df, 'ID', path),
                          'path': [parse_list(p) for p in df['full_path']]})
 
 
@@ -250,7 +260,11 @@ def decode_all(paths, workers=None):
             images[i] = array
 
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(work, range(len(paths)), chunksize=64))
+        try:
+            list(pool.map(work, range(len(paths))))
+        except BaseException:  # Ctrl-C: drop the queued images, wait only for the few being decoded
+            pool.shutdown(cancel_futures=True)
+            raise
     return images, problems
 
 
@@ -266,8 +280,14 @@ def load_images(csv_path, table, image_root, log=print):
     rel_paths = list(table['path'])
     cache = cache_path(csv_path, rel_paths)
     if os.path.exists(cache):
-        with np.load(cache) as f:
-            return f['images'], f['ok']
+        try:
+            with np.load(cache) as f:
+                images, ok = f['images'], f['ok']
+            if images.shape == (len(rel_paths), IMAGE_SIZE, IMAGE_SIZE) and ok.shape == (len(rel_paths),):
+                return images, ok
+            log(f'warning: the image cache {cache} does not match the CSV; decoding the images again')
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            log(f'warning: the image cache {cache} is damaged ({type(e).__name__}); decoding the images again')
     log(f'decoding {len(rel_paths)} images from {image_root} (once; cached in {cache})')
     images, problems = decode_all([os.path.join(image_root, p) for p in rel_paths])
     ok = np.array([usable(p) for p in problems])
@@ -317,7 +337,8 @@ def person_folds(person, age, k, seed):
 
 # ----------------------------------------------------------------------------- preprocessing
 
-# ImageNet statistics for 3-channel backbones; grey inputs to the 1-channel CNN use their luma.
+# ImageNet statistics for 3-channel backbones; the 1-channel CNN uses the average of the three
+# channels' mean and of their standard deviation.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.449, 0.226
 
@@ -371,179 +392,3 @@ def to_model_input(x, size, channels, generator=None, flip=False):
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((GREY_MEAN,), (GREY_STD,))
     planes = [x.mul(scale / s).sub_(m / s) for m, s in zip(mean, std)]
     return planes[0] if channels == 1 else torch.cat(planes, 1)  # grey repeated for RGB backbones
-
-
-# ----------------------------------------------------------------------------- synthetic demo data
-
-FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
-         'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']
-LAST = ['Novák', 'Jauhojärvi', 'García', 'Smith', "O'Neil", 'Müller', 'Rossi', 'Kowalski', 'Ito',
-        'Dubois', 'Hansen', 'Silva', 'Nowak', 'Brown', 'Lindqvist', 'Petrov', 'Costa', 'Yılmaz']
-
-
-def draw_face(rng, age, male):
-    """A 100x100 grey face whose age shows in the pixels: proportions (children have rounder faces,
-    bigger eyes set lower), greying and receding hair, forehead and eye wrinkles, sagging jaw;
-    gender shows in hair length and beard."""
-    bg = int(rng.integers(40, 210))
-    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), bg)
-    d = ImageDraw.Draw(im)
-    grow = min(age, 18) / 18
-    old = float(np.clip((age - 30) / 50, 0, 1))
-    cx, cy = 50 + rng.normal(0, 2.5), 53 + rng.normal(0, 2.5)
-    fw = 27 + 7 * grow + rng.normal(0, 1.5)
-    fh = fw * (1.02 + 0.22 * grow + (0.05 if male else 0) + rng.normal(0, 0.03))
-    skin = int(np.clip(rng.normal(170, 22) - 15 * old, 80, 235))
-    hair = float(np.clip(rng.normal(55, 30), 10, 150))
-    grey = float(np.clip((age - 28) / 45 + rng.normal(0, 0.08), 0, 1))
-    hair = int(hair + (225 - hair) * grey)
-    if not male:  # long hair falls behind the face
-        d.rounded_rectangle([cx - fw - 6, cy - fh - 4, cx + fw + 6, cy + fh * (0.8 + rng.random() * 0.5)],
-                            radius=14, fill=hair)
-    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
-    recede = old * (0.6 if male else 0.15) * fh * rng.random() ** 0.5
-    d.chord([cx - fw - 2, cy - fh - 5 - recede * 0.2, cx + fw + 2, cy - fh * 0.15 + (0 if male else 6) - recede],
-            180, 360, fill=hair)
-    eye_y = cy - fh * (0.05 + 0.17 * grow)
-    eye_r = 4.6 - 1.7 * grow + rng.normal(0, 0.3)
-    for side in (-1, 1):
-        ex = cx + side * fw * 0.42
-        d.ellipse([ex - eye_r * 1.4, eye_y - eye_r, ex + eye_r * 1.4, eye_y + eye_r], fill=235)
-        d.ellipse([ex - eye_r * 0.6, eye_y - eye_r * 0.6, ex + eye_r * 0.6, eye_y + eye_r * 0.6], fill=25)
-        for k in range(int(round(old * 3 + rng.normal(0, 0.4)))):  # crow's feet
-            y = eye_y - 2 + 2.5 * k
-            d.line([ex + side * eye_r * 1.6, y, ex + side * (eye_r * 1.6 + 5), y + (k - 1) * 2],
-                   fill=max(0, skin - 70), width=1)
-        if age > 45:  # bags under the eyes
-            d.arc([ex - eye_r * 1.4, eye_y, ex + eye_r * 1.4, eye_y + eye_r * 2.2], 20, 160,
-                  fill=max(0, skin - 50), width=1)
-    for k in range(int(round((age - 22) / 9 + rng.normal(0, 0.5)))):  # forehead lines
-        y = eye_y - 8 - 3 * k
-        if y < cy - fh + 4:
-            break
-        d.arc([cx - fw * 0.6, y, cx + fw * 0.6, y + 5], 200, 340, fill=max(0, skin - 45 - 5 * k), width=1)
-    nose_y = cy + fh * (0.12 + 0.05 * grow)
-    d.line([cx, eye_y + 4, cx - 2, nose_y], fill=skin - 40, width=1)
-    mouth_y = cy + fh * (0.42 + 0.06 * old)
-    mw = fw * (0.32 + 0.1 * grow)
-    d.arc([cx - mw, mouth_y - 4, cx + mw, mouth_y + 3 - 4 * old], 10, 170, fill=90, width=2)
-    if age > 35:  # nasolabial folds
-        for side in (-1, 1):
-            d.line([cx + side * 6, nose_y + 1, cx + side * (mw + 3), mouth_y + 2],
-                   fill=max(0, skin - int(25 + 35 * old)), width=1)
-    if male and age > 18 and rng.random() < 0.35:
-        d.chord([cx - fw * 0.85, mouth_y - 6, cx + fw * 0.85, cy + fh + 2], 0, 180, fill=hair)
-    im = im.rotate(rng.normal(0, 4), resample=Image.BILINEAR, fillcolor=bg)
-    im = im.filter(ImageFilter.GaussianBlur(0.6))
-    a = np.asarray(im, dtype=np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 6, im.size)
-    return np.clip(a, 0, 255).astype(np.uint8)
-
-
-def draw_clutter(rng):
-    """What a `#NAME?` row often shows: no detectable face."""
-    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), int(rng.integers(0, 255)))
-    d = ImageDraw.Draw(im)
-    for _ in range(6):
-        box = sorted(rng.integers(0, 100, 2)), sorted(rng.integers(0, 100, 2))
-        d.rectangle([box[0][0], box[1][0], box[0][1], box[1][1]], fill=int(rng.integers(0, 255)))
-    return np.asarray(im)
-
-
-def datenum(date):
-    return date.toordinal() + 366  # Matlab's day count starts a year earlier than Python's
-
-
-def make_demo_data(root, n=1500, n_judge=300, seed=0):
-    """A complete Kaggle-layout folder with drawn faces and real-world dirt at realistic rates."""
-    rng = np.random.default_rng(seed)
-    label_dir = os.path.join(root, 'wiki_labeled', 'wiki_labeled')
-    judge_dir = os.path.join(root, 'wiki_judge_images', 'wiki_judge_images')
-    rows, person = [], 0
-    while len(rows) < n:
-        person += 1
-        pid = int(rng.integers(10_000, 50_000_000))
-        male = rng.random() < 0.78
-        initial = chr(ord('A') + int(rng.integers(0, 26)))
-        name = f"['{rng.choice(FIRST)} {initial}. {rng.choice(LAST)}']" if rng.random() > 0.02 else '[]'
-        birth = datetime.date(1900, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 29_000)))
-        base_age = float(np.clip(14 + rng.gamma(2.0, 11.0) if rng.random() > 0.08 else rng.uniform(1, 14), 1, 99))
-        first_year = min(birth.year + int(round(base_age)), 2015)
-        for year in sorted(set(first_year - rng.integers(0, 8, 1 + rng.poisson(0.35)))):
-            year = int(year)
-            age = (datenum(datetime.date(year, 2, 1)) - datenum(birth)) / 365.25
-            rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year, age=max(age, 0.0)))
-    rows = rows[:n]
-    records = []
-    for i, r in enumerate(rows):
-        ID = 2002 + i
-        dob = datenum(r['birth'])
-        age = r['age']
-        u = rng.random()
-        if u < 0.01:
-            age = 0.0  # photo year before birth, clipped to 0 as in the real data
-        elif u < 0.02:
-            age = float(rng.uniform(101, 790))  # nonsense birth dates
-        no_face = rng.random() < 0.28
-        second = (not no_face) and rng.random() < 0.06
-        gender = '' if rng.random() < 0.04 else ('1.0' if r['male'] else '0.0')
-        rel = f"{r['pid'] % 100:02d}/{r['pid']}_{r['birth'].isoformat()}_{r['year']}.png"
-        img = draw_clutter(rng) if no_face else draw_face(rng, min(max(r['age'], 1), 100), r['male'])
-        if second:  # a smaller second face in a corner
-            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)), rng.random() < 0.5)).resize((40, 40))
-            img = img.copy()
-            img[:40, 60:] = np.asarray(small)
-        os.makedirs(os.path.join(label_dir, rel[:2]), exist_ok=True)
-        Image.fromarray(img).save(os.path.join(label_dir, rel))
-        if no_face:
-            location, score = '[[1 1 1 1]]', '#NAME?'
-        else:
-            x0, y0 = rng.uniform(20, 300, 2)
-            s = rng.uniform(60, 250)
-            location = f'[[{x0:.5f} {y0:.6g} {x0 + s:.5f} {y0 + s:.6g}]]'
-            score = f'{rng.uniform(0.3, 6.5):.9f}'
-        records.append({'ID': ID, 'dob': dob, 'dob_str': f"['{r['birth'].strftime('%d-%b-%Y')}']",
-                        'photo_taken': r['year'], 'full_path': f"['{rel}']", 'gender': gender,
-                        'name': r['name'], 'face_location': location, 'face_score': score,
-                        'second_face_score': f'{rng.uniform(0.5, 4):.9f}' if second else '',
-                        'age': round(age, 6)})
-    # One file that never made it out of the zip, one that was cut short.
-    missing, corrupt = records[7]['full_path'], records[11]['full_path']
-    os.remove(os.path.join(label_dir, parse_list(missing)))
-    with open(os.path.join(label_dir, parse_list(corrupt)), 'r+b') as f:
-        f.truncate(200)
-
-    ids = np.sort(rng.choice(np.arange(1, int(n_judge * 1.42) + 1), n_judge, replace=False))
-    judge, answers = [], []
-    os.makedirs(judge_dir, exist_ok=True)
-    for ID in ids:
-        male = rng.random() < 0.78
-        age = float(np.clip(14 + rng.gamma(2.0, 11.0), 1, 99))
-        Image.fromarray(draw_face(rng, age, male)).save(os.path.join(judge_dir, f'{ID}.png'))
-        judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']",
-                      'gender': '' if rng.random() < 0.02 else ('1.0' if male else '0.0'),
-                      'face_score': repr(float(rng.uniform(1, 6.5))) if rng.random() > 0.01 else '-inf',
-                      'second_face_score': ''})
-        answers.append({'ID': int(ID), 'age': round(age, 3)})
-    write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
-    # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
-    write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
-    # Last: train.py takes a folder with wiki_labels.csv as complete.
-    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
-    return root
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--demo', required=True, metavar='DIR', help='write the synthetic demo folder here')
-    parser.add_argument('--n', type=int, default=1500, help='labelled rows')
-    parser.add_argument('--n-judge', type=int, default=300, help='test rows')
-    parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args(argv)
-    if os.path.exists(os.path.join(args.demo, 'wiki_labels.csv')):
-        parser.error(f'{args.demo} already holds a data set; choose another folder')
-    make_demo_data(args.demo, args.n, args.n_judge, args.seed)
-    print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.demo}')
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -104,7 +104,11 @@ def resnet50(weights='imagenet'):
     elif weights not in (None, 'none'):
         state = load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the head is new
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # strict=False forgives missing and extra keys, not wrong shapes
+            raise WeightsError(f'--weights {weights}: does not fit resnet50 '
+                               f'({str(e).splitlines()[-1].strip()[:200]})') from None
         missing = [k for k in missing if not k.startswith('fc.')]
         if missing or unexpected:
             raise WeightsError(f'--weights {weights}: does not fit resnet50 '

@@ -30,7 +30,7 @@ def checkpoint_files(paths):
             if os.path.exists(os.path.join(path, 'best.pt')):
                 files.append(os.path.join(path, 'best.pt'))
             elif os.path.exists(os.path.join(path, 'fold_models.csv')):
-                listed = pd.read_csv(os.path.join(path, 'fold_models.csv'))['checkpoint']
+                listed = dataset.read_csv_strict(os.path.join(path, 'fold_models.csv'), ['checkpoint'])['checkpoint']
                 files += [os.path.join(path, f) for f in listed]
             else:
                 raise dataset.DataError(f'{path}: neither best.pt (train.py) nor fold_models.csv (cv.py) is there')
@@ -44,9 +44,15 @@ def load_model(path, device):
     ckpt = train.load_checkpoint(path)
     for key in ('model', 'model_name', 'size', 'channels'):
         if key not in ckpt:
-            raise dataset.DataError(f'{path}: not a checkpoint of this project (no {key!r})')
+            raise train.CheckpointError(f'{path}: not a checkpoint of this project (no {key!r})')
+    if ckpt['model_name'] not in models.MODELS:
+        raise train.CheckpointError(f'{path}: unknown model {ckpt["model_name"]!r}')
     model = models.build_model(ckpt['model_name'], weights='none')
-    model.load_state_dict(ckpt['model'])
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
+        raise train.CheckpointError(f'{path}: its weights do not fit a {ckpt["model_name"]} '
+                                    f'({str(e).splitlines()[-1].strip()[:200]})') from None
     model = model.to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
@@ -58,7 +64,8 @@ def test_table(files, data_dir):
     dataset.require(files, data_dir, 'judge', 'judge_images')
     judge = dataset.read_judge(files['judge'])
     if files['sample_submission']:
-        ids = dataset.read_csv_strict(files['sample_submission'], ['ID'])['ID'].astype(np.int64)
+        ids = dataset.parse_id_column(dataset.read_csv_strict(files['sample_submission'], ['ID']), 'ID',
+                                      files['sample_submission'])
         judge = judge.set_index('ID').reindex(ids)
         no_file = judge['path'].isna()
         judge.loc[no_file, 'path'] = [f'{i}.png' for i in judge.index[no_file]]  # Kaggle names them ID.png
@@ -69,13 +76,13 @@ def test_table(files, data_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     parser.add_argument('--checkpoint', nargs='+', required=True, help='best.pt files or run directories')
     parser.add_argument('--data', default='data/wiki', help='folder with wiki_judge.csv and wiki_judge_images/')
-    parser.add_argument('--out', default='submission.csv')
-    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--out', default='submission.csv', help='the CSV to write')
+    parser.add_argument('--batch-size', type=int, default=256, help='images per forward pass')
     parser.add_argument('--no-tta', action='store_true', help='no horizontal-flip test-time augmentation')
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'))
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to run')
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         parser.error(f'--batch-size must be positive, got {args.batch_size}')
@@ -97,8 +104,11 @@ def main(argv=None):
             mean_age += ckpt['y_mean'] / len(paths)
             print(f'{path}: {ckpt["model_name"]} at {ckpt["size"]} px, val RMSE {ckpt.get("val_rmse", float("nan")):.3f}',
                   flush=True)
-    except (dataset.DataError, models.WeightsError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (dataset.DataError, models.WeightsError, train.CheckpointError) as e:
+        train.error(e)
+        return 1
+    except torch.OutOfMemoryError:
+        train.error(f'out of GPU memory at --batch-size {args.batch_size}; try --batch-size {max(1, args.batch_size // 2)}')
         return 1
     age = (total / len(paths)).numpy()
     if bad.any():

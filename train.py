@@ -10,8 +10,15 @@
 The run directory gets best.pt (everything predict.py needs), history.csv, metrics.json,
 val_predictions.csv and predictions.png (predicted vs actual). Ctrl-C or SIGTERM saves last.pt,
 from which --resume continues exactly where the run stopped.
+
+The recipe, in the order `fit` reads: build the model and optimizer; then for each epoch
+`train_epoch` (augmented batches, AdamW, learning rate warm-up then cosine decay), `evaluate` on
+the validation rows, keep the best checkpoint, stop early when it stops improving; finally
+`finish` scores the best checkpoint once more and writes the run's files.
 """
 import argparse
+import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -27,15 +34,12 @@ from PIL import Image, ImageDraw
 
 import clean_data
 import dataset
+import demo_data
 import models
 
 LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss}
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 DEMO_DIR = os.path.join('data', 'demo')
-# Sized for a laptop CPU: the demo must learn the drawn age cues in about two minutes.
-DEMO_PRESET = dict(data=DEMO_DIR, model='cnn', weights='none', epochs=25, batch_size=32, lr=2e-3,
-                   time_limit=2.5, patience=10)
-DEMO_SIZE = {'cnn': 64, 'resnet50': 32}  # ResNet-50 trains ~60 images/s on 2 cores at 32 px
 
 
 # ----------------------------------------------------------------------------- options
@@ -44,14 +48,14 @@ def add_train_options(parser):
     """Every option of one training run; cv.py takes the same ones under the same names."""
     parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, wiki_labeled/)')
     parser.add_argument('--csv', help='clean CSV from clean_data.py (default: DATA/wiki_labels_clean.csv)')
-    parser.add_argument('--model', default='resnet50', choices=models.MODELS)
+    parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
     parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
                                           '(default: imagenet for resnet50, none for cnn)')
-    parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES))
-    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES), help='training loss')
+    parser.add_argument('--epochs', type=int, default=30, help='passes over the training rows')
     parser.add_argument('--batch-size', type=int, default=128, help='images per step, over all GPUs')
     parser.add_argument('--lr', type=float, default=1e-3, help='peak AdamW learning rate (warm-up, cosine decay)')
-    parser.add_argument('--weight-decay', type=float, default=1e-4)
+    parser.add_argument('--weight-decay', type=float, default=1e-4, help='AdamW weight decay')
     parser.add_argument('--size', type=int, default=100, help='model input size in pixels (images are 100x100)')
     parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
     parser.add_argument('--balance-gender', action='store_true',
@@ -62,13 +66,26 @@ def add_train_options(parser):
     parser.add_argument('--train-min-age', type=float, help='also drop training rows younger than this')
     parser.add_argument('--patience', type=int, default=6, help='stop after this many epochs without a better val RMSE')
     parser.add_argument('--limit', type=int, help='use only N randomly chosen rows (smoke tests)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'))
-    parser.add_argument('--time-limit', type=float, help='minutes; stop cleanly after the step that crosses it')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the split, the initial weights and the draws')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to train')
+    parser.add_argument('--time-limit', type=float,
+                        help='minutes (in cv.py: for each run); stop cleanly after the step that crosses it')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA; slower start)')
     parser.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
     parser.add_argument('--demo', action='store_true',
                         help=f'make synthetic data in {DEMO_DIR} if absent and use CPU-sized presets')
+
+
+def demo_presets(model, runs=1):
+    """What --demo sets, for every option the command line leaves out. Sized for a 2-core laptop
+    CPU: one train.py run learns the drawn age cues in about two minutes, and cv.py's `runs`
+    (combinations x folds) runs share about four minutes."""
+    presets = dict(data=DEMO_DIR, model=model, weights='none', batch_size=32, lr=2e-3, patience=10,
+                   size={'cnn': 64, 'resnet50': 32}[model],  # ResNet-50 trains ~60 images/s on 2 cores at 32 px
+                   epochs=25, time_limit=2.5)
+    if runs > 1:
+        presets.update(epochs={'cnn': 10, 'resnet50': 5}[model], time_limit=round(4.0 / runs, 2))
+    return presets
 
 
 def check_args(parser, args):
@@ -85,17 +102,18 @@ def check_args(parser, args):
         parser.error(f'--limit must be at least 4, got {args.limit}')
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f'--time-limit must be positive minutes, got {args.time_limit}')
-    if getattr(args, 'val_frac', 0.2) is not None and not 0 < getattr(args, 'val_frac', 0.2) <= 0.5:
-        parser.error(f'--val-frac must be in (0, 0.5], got {args.val_frac}')
 
 
-def parse_args(parser, argv):
+def parse_args(parser, argv=None, count_runs=None):
+    """Parse, fill in the --demo presets and the weights default, check. count_runs(args): how many
+    runs the command makes (cv.py), so that a demo fits its time."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if '--demo' in argv:
-        parser.set_defaults(**DEMO_PRESET)  # flags given explicitly still win
     args = parser.parse_args(argv)
-    if args.demo and not given(argv, '--size'):
-        args.size = DEMO_SIZE[args.model]
+    if args.demo:
+        model = args.model if given(argv, '--model') else 'cnn'
+        for key, value in demo_presets(model, count_runs(args) if count_runs else 1).items():
+            if not given(argv, '--' + key.replace('_', '-')):
+                setattr(args, key, value)
     if args.weights is None:
         args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
     check_args(parser, args)
@@ -126,6 +144,19 @@ def metrics_from_sums(sums):
 
 # ----------------------------------------------------------------------------- device, data
 
+class CheckpointError(Exception):
+    """A checkpoint that is missing, refused or does not fit: the message names the file."""
+
+
+class Diverged(Exception):
+    """The loss or the validation error stopped being a finite number."""
+
+
+def error(message):
+    """Data and runtime errors: one line on stderr; the caller returns exit code 1."""
+    print(f'error: {message}', file=sys.stderr, flush=True)
+
+
 def pick_device(name):
     if name == 'auto':
         if torch.cuda.is_available():
@@ -138,18 +169,25 @@ def pick_device(name):
     return torch.device(name)
 
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. Returns (rank, world_size, device)."""
+@contextlib.contextmanager
+def distributed(device_name, backend=None, timeout=None):
+    """Yields (rank, world_size, device). Under torchrun (RANK in the environment) one process per
+    GPU joins the process group, which is torn down on the way out, errors included.
+    backend: default nccl on GPUs, gloo on CPUs."""
     if 'RANK' not in os.environ:
-        return 0, 1, pick_device(args.device)
-    use_cuda = torch.cuda.is_available() and args.device != 'cpu'
-    dist.init_process_group('nccl' if use_cuda else 'gloo')
-    if use_cuda:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    return dist.get_rank(), dist.get_world_size(), device
+        yield 0, 1, pick_device(device_name)
+        return
+    use_cuda = torch.cuda.is_available() and device_name != 'cpu'
+    dist.init_process_group(backend or ('nccl' if use_cuda else 'gloo'), timeout=timeout)
+    try:
+        if use_cuda:
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device('cpu')
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
 
 
 def load_table(args, log=print):
@@ -157,7 +195,7 @@ def load_table(args, log=print):
     with a count. --demo makes and cleans the synthetic data first."""
     if args.demo and not os.path.exists(os.path.join(args.data, 'wiki_labels.csv')):
         log(f'making synthetic demo data in {args.data}')
-        dataset.make_demo_data(args.data)
+        demo_data.make_demo_data(args.data)
     csv = args.csv or os.path.join(args.data, 'wiki_labels_clean.csv')
     if args.demo and not os.path.exists(csv):
         clean_data.main(['--data', args.data, '--out', csv])
@@ -188,6 +226,19 @@ def load_table_once(args, rank, world, log=print):
     if rank != 0:
         loaded = load_table(args, log)
     return loaded
+
+
+def prepare_images(images, device, log=print):
+    """The whole uint8 array on the GPU when it fits (0.6 GB for 60K faces), else in host memory
+    (each batch is then gathered on the CPU and copied over)."""
+    images = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.numel() < free / 4:
+            return images.to(device)
+        log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has {free / 1e9:.1f} GB free')
+        return images
+    return images.to(device)
 
 
 def training_rows(table, rows, args):
@@ -223,6 +274,13 @@ def epoch_order(n, weights, seed, epoch):
     return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
+def model_input(x_u8, size, channels, device, generator=None, flip=False):
+    """A gathered uint8 batch on `device` -> the model's input: dataset.to_model_input, then
+    channels-last memory on CUDA (what cuDNN's fastest convolutions read)."""
+    x = dataset.to_model_input(x_u8, size, channels, generator=generator, flip=flip)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' else x
+
+
 # ----------------------------------------------------------------------------- prediction
 
 def autocast(device):
@@ -240,16 +298,13 @@ def predict(model, images, rows, size, channels, batch_size, device, tta=False):
     model.eval()
     out = []
     rows = torch.as_tensor(rows)
+    views = (False, True) if tta else (False,)
     for start in range(0, len(rows), batch_size):
         x_u8 = images.index_select(0, rows[start:start + batch_size].to(images.device)).to(device, non_blocking=True)
-        views = (False, True) if tta else (False,)
         total = 0
         for flip in views:
-            x = dataset.to_model_input(x_u8, size, channels, flip=flip)
-            if device.type == 'cuda':
-                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                total = total + model.ages(model(x))
+                total = total + model.ages(model(model_input(x_u8, size, channels, device, flip=flip)))
         out.append((total / len(views)).clamp(*AGE_RANGE))
     return torch.cat(out).float().cpu() if out else torch.empty(0)
 
@@ -285,31 +340,217 @@ def plot_predictions(path, y, pred, title):
     dataset.write_atomic(path, lambda tmp: im.save(tmp))
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the parts of training
 
-class Stop:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a resumable checkpoint at the end of the step."""
-    signal = None
-
-    @classmethod
-    def install(cls):
-        cls.signal = None
-        def handler(signum, frame):
-            if cls.signal is not None:  # a second Ctrl-C: give up at once
-                raise KeyboardInterrupt
-            cls.signal = signum
-            print(f'\n{signal.Signals(signum).name}: stopping after this step, saving last.pt ...', flush=True)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, handler)
+def lr_factor(step, total_steps, warmup_steps):
+    """The learning rate at `step` (from 0) as a fraction of the peak: a linear warm-up over
+    warmup_steps, then a cosine decay that reaches zero at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
-class Diverged(Exception):
-    """The loss or the validation error stopped being a finite number."""
+def warmup_steps(total_steps, steps_per_epoch):
+    """A tenth of the run, at most three epochs."""
+    return min(total_steps // 10, 3 * steps_per_epoch)
 
 
-def fmt_time(seconds):
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+def build_model(args, y_mean, y_std, device, world=1):
+    """(raw_model, model): the plain model, which is saved and evaluated, and the one the training
+    steps call, wrapped for DDP and torch.compile when asked."""
+    torch.manual_seed(args.seed)  # the initial weights, and later dropout, draw from the global generator
+    raw_model = models.build_model(args.model, args.weights, y_mean, max(y_std, 1e-3)).to(device)
+    if device.type == 'cuda':
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)
+    return raw_model, model
+
+
+def build_optimizer(model, args, device):
+    """AdamW (its fused kernel on CUDA) and the loss scaler, which only fp16 needs."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda' and not torch.cuda.is_bf16_supported())
+    return optimizer, scaler
+
+
+def train_step(model, optimizer, scaler, criterion, x, y):
+    """Forward, loss, backward, optimizer step. Returns the loss as a tensor (no GPU sync)."""
+    with autocast(x.device):
+        out = model(x)
+    loss = criterion(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run works with. `state` is the part that --resume restores."""
+    args: argparse.Namespace
+    raw_model: nn.Module             # saved, evaluated and restored
+    model: nn.Module                 # what the training steps call (DDP or compiled, else raw_model)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    aug: torch.Generator             # augmentation draws; None with --no-augment
+    images: torch.Tensor             # uint8 (N, 100, 100), on the device when it fits
+    ages: torch.Tensor               # float, next to the images
+    table: pd.DataFrame
+    train_rows: torch.Tensor
+    val_rows: np.ndarray
+    weights: torch.Tensor            # --balance-gender draw weights, else None
+    y_mean: float
+    y_std: float
+    channels: int
+    per_rank: int                    # images per step in each process
+    steps_per_epoch: int
+    out_dir: str
+    device: torch.device
+    rank: int
+    world: int
+    log: callable
+    state: dict = dataclasses.field(default_factory=lambda: {
+        'epoch': 0, 'step': 0,            # where training continues from
+        'best_val_rmse': math.inf, 'best_epoch': -1, 'bad_epochs': 0,
+        'history': [],                    # one row per epoch, written to history.csv
+        'loss_sum': 0.0, 'loss_count': 0,  # the current epoch's training loss so far
+        'train_images': 0, 'train_seconds': 0.0})
+
+
+def build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, world, log):
+    ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+    train_rows = torch.as_tensor(train_rows)
+    y_train = ages[train_rows.to(ages.device)]
+    y_mean, y_std = float(y_train.mean()), float(y_train.std()) if len(train_rows) > 1 else 1.0
+    raw_model, model = build_model(args, y_mean, y_std, device, world)
+    optimizer, scaler = build_optimizer(raw_model, args, device)
+    per_rank = max(1, args.batch_size // world)
+    steps_per_epoch = max(1, len(train_rows) // world // per_rank)
+    total = args.epochs * steps_per_epoch
+    warmup = warmup_steps(total, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    weights = sample_weights(table['gender'].to_numpy()[train_rows.numpy()]) if args.balance_gender else None
+    return Run(args, raw_model, model, optimizer, scheduler, scaler, LOSSES[args.loss](),
+               None if args.no_augment else torch.Generator(device=device), images, ages, table, train_rows,
+               np.asarray(val_rows), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
+               steps_per_epoch, out_dir, device, rank, world, log)
+
+
+def agree(run, flag):
+    """Every process must stop at the same step: true on all when true on any."""
+    if run.world == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def summed_loss(run, loss_sum, epoch, from_step, to_step):
+    """The summed training loss over all processes, as a number (a GPU sync: called at log steps).
+    A NaN/inf stops the run, naming the epoch and the steps since the last check."""
+    if run.world > 1:
+        loss_sum = loss_sum.clone()
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world
+    total = float(loss_sum)
+    if not math.isfinite(total):
+        where = f'step {to_step}' if from_step == to_step else f'steps {from_step}-{to_step}'
+        raise Diverged(f'the loss became NaN/inf at epoch {epoch + 1} {where}; stopping. The last good '
+                       f'checkpoint is kept in {run.out_dir} (try a lower --lr).')
+    return total
+
+
+def train_epoch(run, epoch, start, deadline):
+    """One epoch of training, from run.state['step'] (not 0 when resumed mid-epoch).
+    Returns (mean training loss, images/s, why it stopped: 'completed', 'time_limit' or 'signal')."""
+    args, state = run.args, run.state
+    order = epoch_order(len(run.train_rows), run.weights, args.seed, epoch)
+    order = run.train_rows[order[run.rank::run.world]].to(run.images.device)  # indices live with the images
+    if state['step'] == 0:  # a fresh epoch, not one resumed mid-way
+        if run.aug is not None:
+            run.aug.manual_seed(args.seed * 1_000_003 + epoch * 101 + run.rank)
+        state.update(loss_sum=0.0, loss_count=0)
+    run.model.train()
+    first = done = checked = state['step']
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no GPU sync per step
+    t0 = tick = time.time()
+    stopped = 'completed'
+    for step in range(first, run.steps_per_epoch):
+        idx = order[step * run.per_rank:(step + 1) * run.per_rank]
+        x = model_input(run.images.index_select(0, idx).to(run.device, non_blocking=True), args.size, run.channels,
+                        run.device, generator=run.aug)
+        y = (run.ages[idx.to(run.ages.device)].to(run.device, non_blocking=True) - run.y_mean) / run.y_std
+        loss_sum += train_step(run.model, run.optimizer, run.scaler, run.criterion, x, y)
+        run.scheduler.step()
+        done = step + 1
+        log_step = done % args.log_every == 0 or done == run.steps_per_epoch
+        if log_step:
+            total = summed_loss(run, loss_sum, epoch, checked + 1, done)
+            now = time.time()
+            speed = (done - checked) * run.per_rank * run.world / max(now - tick, 1e-9)
+            left = ((args.epochs - epoch) * run.steps_per_epoch - done) * run.per_rank * run.world / max(speed, 1e-9)
+            run.log(f'epoch {epoch + 1}/{args.epochs} step {done}/{run.steps_per_epoch} '
+                    f'loss {(state["loss_sum"] + total) / (state["loss_count"] + done - first):.4f} '
+                    f'lr {run.scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s elapsed {fmt_time(now - start)} '
+                    f'left ~{fmt_time(min(left, deadline - now) if deadline else left)}')
+            tick, checked = now, done
+        if run.world == 1 or log_step:  # with several processes, agree on stopping at log steps only
+            if agree(run, Stop.signal is not None):
+                stopped = 'signal'
+            elif deadline and agree(run, time.time() > deadline):
+                stopped = 'time_limit'
+        if stopped != 'completed':
+            break
+    # Fold this session's part of the epoch into the state (what last.pt and the history keep).
+    total = summed_loss(run, loss_sum, epoch, checked + 1, done) if done > first else 0.0
+    state.update(step=done, loss_sum=state['loss_sum'] + total, loss_count=state['loss_count'] + done - first,
+                 train_images=state['train_images'] + (done - first) * run.per_rank * run.world,
+                 train_seconds=state['train_seconds'] + time.time() - t0)
+    mean_loss = state['loss_sum'] / max(state['loss_count'], 1)
+    return mean_loss, state['train_images'] / max(state['train_seconds'], 1e-9), stopped
+
+
+def evaluate(run):
+    """Validation metrics and predictions. Process 0 evaluates (its model is the one saved in
+    best.pt) and sends the metrics to the others, so every process makes the same decisions."""
+    metrics, pred = None, None
+    if run.rank == 0:
+        pred = predict(run.raw_model, run.images, run.val_rows, run.args.size, run.channels, 2 * run.per_rank,
+                       run.device)
+        y = torch.as_tensor(run.table['age'].to_numpy()[run.val_rows])
+        metrics = metrics_from_sums(metric_sums(pred, y))
+    if run.world > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    if not math.isfinite(metrics['rmse']):
+        raise Diverged(f'the validation RMSE is not finite after epoch {run.state["epoch"] + 1}; '
+                       'stopping (try a lower --lr)')
+    return metrics, pred
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint(run, kind):
+    """best.pt: the model and what predict.py needs to rebuild it. last.pt: also everything that
+    --resume needs to continue exactly (optimizer, schedule, counters, random generators)."""
+    ckpt = {'model': run.raw_model.state_dict(), 'model_name': run.args.model, 'size': run.args.size,
+            'channels': run.channels, 'args': vars(run.args), 'y_mean': run.y_mean, 'y_std': run.y_std}
+    if kind == 'best':
+        return {**ckpt, 'epoch': run.state['best_epoch'], 'val_rmse': run.state['best_val_rmse']}
+    return {**ckpt, 'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
+            'scaler': run.scaler.state_dict(), 'state': dict(run.state),
+            'device_type': run.device.type, 'torch_rng': torch.get_rng_state(),
+            'aug_rng': run.aug.get_state() if run.aug is not None else None,
+            'cuda_rng': torch.cuda.get_rng_state(run.device) if run.device.type == 'cuda' else None}
 
 
 def save(path, obj):
@@ -322,246 +563,160 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise dataset.DataError(f'{path}: checkpoint not found') from None
+        raise CheckpointError(f'{path}: checkpoint not found') from None
     except Exception as e:
-        raise dataset.DataError(f'{path}: refused: not a plain checkpoint of tensors and numbers '
-                                f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+        raise CheckpointError(f'{path}: refused: not a plain checkpoint of tensors and numbers '
+                              f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
 
+
+def restore(run, resume):
+    """Continue from a last.pt. The device may differ from the one that saved it: tensors are
+    loaded on the CPU and moved, but a random generator's state only fits a generator of the same
+    kind of device (a CUDA one is 16 bytes, a CPU one 5,056), so then the draws are seeded afresh."""
+    run.raw_model.load_state_dict(resume['model'])
+    run.optimizer.load_state_dict(resume['optimizer'])
+    run.scheduler.load_state_dict(resume['scheduler'])
+    if resume['scaler']:  # empty when saved by a disabled scaler (CPU, bf16)
+        run.scaler.load_state_dict(resume['scaler'])
+    run.state.update(resume['state'])
+    torch.set_rng_state(resume['torch_rng'])  # dropout draws from the global generator on CPUs
+    if resume.get('device_type', run.device.type) == run.device.type:
+        if run.aug is not None:
+            run.aug.set_state(resume['aug_rng'])
+        if run.device.type == 'cuda':
+            torch.cuda.set_rng_state(resume['cuda_rng'], run.device)
+    else:
+        if run.aug is not None:
+            run.aug.manual_seed(run.args.seed * 1_000_003 + run.state['epoch'] * 101 + run.state['step'])
+        run.log(f'warning: last.pt was saved on {resume["device_type"]}, this run goes on on {run.device.type}: '
+                'the same weights, optimizer and schedule, but other random draws (augmentation, dropout) '
+                'than an uninterrupted run')
+    run.log(f'resumed at epoch {run.state["epoch"] + 1} step {run.state["step"]} '
+            f'(best val RMSE {run.state["best_val_rmse"]:.3f})')
+
+
+class Stop:
+    """While training, Ctrl-C / SIGTERM set a flag and the loop saves a resumable checkpoint at the
+    end of the step; a second Ctrl-C gives up at once. Outside training they act as usual."""
+    signal = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def catching(cls):
+        def handler(signum, frame):
+            if cls.signal is not None:
+                raise KeyboardInterrupt
+            cls.signal = signum
+            print(f'\n{signal.Signals(signum).name}: stopping after this step, saving last.pt ...', flush=True)
+        cls.signal = None
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+# ----------------------------------------------------------------------------- the recipe
 
 def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, world=1, resume=None, log=print):
     """Train on images[train_rows], validate on images[val_rows] every epoch, keep the best.
 
     images: uint8 tensor (N, 100, 100), on `device` when it fits (no copy per batch) or on the CPU.
     Returns a dict of final metrics. Raises Diverged on a NaN/inf loss, SystemExit after a signal."""
-    main_rank = rank == 0
-    ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
-    train_rows = torch.as_tensor(train_rows)
-    y_train = ages[train_rows.to(ages.device)]
-    y_mean, y_std = float(y_train.mean()), float(y_train.std()) if len(train_rows) > 1 else 1.0
-    channels = models.INPUT_CHANNELS[args.model]
-    torch.manual_seed(args.seed)
-    model = models.build_model(args.model, args.weights, y_mean, max(y_std, 1e-3)).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == 'cuda')
-    per_rank = max(1, args.batch_size // world)
-    n_order = len(train_rows)
-    steps_per_epoch = max(1, n_order // world // per_rank)
-    total_steps = args.epochs * steps_per_epoch
-    warmup = min(total_steps // 10, 3 * steps_per_epoch)
-
-    def lr_factor(step):  # linear warm-up, then cosine decay to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    use_fp16 = device.type == 'cuda' and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler('cuda', enabled=use_fp16)
-    criterion = LOSSES[args.loss]()
-    weights = sample_weights(table['gender'].to_numpy()[train_rows.numpy()]) if args.balance_gender else None
-    aug = None if args.no_augment else torch.Generator(device=device)
-
-    state = {'epoch': 0, 'step': 0, 'best_val_rmse': math.inf, 'best_epoch': -1, 'bad_epochs': 0,
-             'history': [], 'loss_sum': 0.0, 'loss_count': 0, 'train_images': 0, 'train_seconds': 0.0}
+    run = build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, world, log)
+    state = run.state
     if resume is not None:
-        raw_model.load_state_dict(resume['model'])
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['scheduler'])
-        scaler.load_state_dict(resume['scaler'])
-        state.update(resume['state'])
-        if aug is not None and resume.get('aug_rng') is not None:
-            aug.set_state(resume['aug_rng'])
-        torch.set_rng_state(resume['torch_rng'])  # dropout draws from the global generator
-        if device.type == 'cuda' and resume.get('cuda_rng') is not None:
-            torch.cuda.set_rng_state(resume['cuda_rng'], device)
-        log(f'resumed at epoch {state["epoch"] + 1} step {state["step"]} (best val RMSE {state["best_val_rmse"]:.3f})')
-
-    def checkpoint(kind):
-        return {'model': raw_model.state_dict(), 'model_name': args.model, 'size': args.size, 'channels': channels,
-                'args': vars(args), 'y_mean': y_mean, 'y_std': y_std,
-                **({'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                    'scaler': scaler.state_dict(), 'state': dict(state),
-                    'aug_rng': aug.get_state() if aug is not None else None, 'torch_rng': torch.get_rng_state(),
-                    'cuda_rng': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
-                   if kind == 'last' else
-                   {'epoch': state['best_epoch'], 'val_rmse': state['best_val_rmse']})}
-
-    def evaluate():
-        pred = predict(raw_model, images, val_rows, args.size, channels, 2 * per_rank, device)
-        return metrics_from_sums(metric_sums(pred, torch.as_tensor(table['age'].to_numpy()[val_rows]))), pred
-
-    def agree(flag):  # every rank must stop at the same step
-        if world == 1:
-            return bool(flag)
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
+        restore(run, resume)
     start = time.time()
-    epochs_before = len(state['history'])  # a resumed run times only its own epochs
+    epochs_before = len(state['history'])  # a resumed run estimates time left from its own epochs
     deadline = start + args.time_limit * 60 if args.time_limit else None
-    stopped = 'completed'
     log(f'training {args.model} on {len(train_rows)} images, validating on {len(val_rows)} '
-        f'({steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {per_rank * world}, device {device}'
+        f'({run.steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {run.per_rank * world}, device {device}'
         f'{f", {world} processes" if world > 1 else ""})')
-    while state['epoch'] < args.epochs and stopped == 'completed':
-        epoch = state['epoch']
-        order = epoch_order(n_order, weights, args.seed, epoch)
-        order = train_rows[order[rank::world]].to(images.device)  # indices live with the images
-        if state['step'] == 0:
-            if aug is not None:
-                aug.manual_seed(args.seed * 1_000_003 + epoch * 101 + rank)
-            state.update(loss_sum=0.0, loss_count=0)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        tick, tick_images, seen = time.time(), 0, 0
-        for step in range(state['step'], steps_per_epoch):
-            idx = order[step * per_rank:(step + 1) * per_rank]
-            x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True),
-                                       args.size, channels, generator=aug)
-            if device.type == 'cuda':
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = (ages[idx.to(ages.device)].to(device, non_blocking=True) - y_mean) / y_std
-            with autocast(device):
-                out = model(x)
-            loss = criterion(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += torch.nan_to_num(loss)
-            seen += 1
-            tick_images += len(idx) * world
-            state['step'] = step + 1
-            last = step + 1 == steps_per_epoch
-            logging_step = (step + 1) % args.log_every == 0 or last
-            if logging_step or (device.type == 'cpu' and world == 1):  # a sync only at log steps on GPUs
-                if world > 1:
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-                bad = int(first_bad)
-                if bad >= 0:
-                    raise Diverged(f'the loss became NaN/inf at epoch {epoch + 1} step {bad + 1}; stopping. '
-                                   f'The last good checkpoint is kept in {out_dir} (try a lower --lr).')
-            if logging_step:
-                state['loss_sum'] += float(loss_sum)
-                state['loss_count'] += seen
-                loss_sum.zero_()
-                seen = 0
-                now = time.time()
-                state['train_seconds'] += now - tick
-                state['train_images'] += tick_images
-                speed = tick_images / max(now - tick, 1e-9)
-                left = (total_steps - epoch * steps_per_epoch - step - 1) * per_rank * world / max(speed, 1e-9)
-                if deadline:
-                    left = min(left, deadline - now)
-                if main_rank:
-                    log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} '
-                        f'loss {state["loss_sum"] / max(state["loss_count"], 1):.4f} '
-                        f'lr {scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s '
-                        f'elapsed {fmt_time(now - start)} left ~{fmt_time(left)}')
-                tick, tick_images = now, 0
-            check_now = world == 1 or logging_step
-            if check_now and agree(Stop.signal is not None):
-                state['loss_sum'] += float(loss_sum)
-                state['loss_count'] += seen
-                if main_rank:
-                    save(os.path.join(out_dir, 'last.pt'), checkpoint('last'))
-                    log(f'saved {os.path.join(out_dir, "last.pt")} at epoch {epoch + 1} step {step + 1}; '
+    stopped = 'completed'
+    with Stop.catching():
+        while state['epoch'] < args.epochs and stopped == 'completed':
+            epoch = state['epoch']
+            train_loss, img_per_s, stopped = train_epoch(run, epoch, start, deadline)
+            if stopped == 'signal':
+                if rank == 0:
+                    save(os.path.join(out_dir, 'last.pt'), checkpoint(run, 'last'))
+                    log(f'saved {os.path.join(out_dir, "last.pt")} at epoch {epoch + 1} step {state["step"]}; '
                         f'continue with: python train.py --resume {out_dir}')
-                raise SystemExit(128 + Stop.signal if Stop.signal else 130)
-            if check_now and deadline and agree(time.time() > deadline):
-                stopped = 'time_limit'
-                break
-        # End of an epoch (or of the time limit): validate, keep the best, maybe stop early.
-        if state['loss_count'] == 0 and seen:
-            state['loss_sum'] += float(loss_sum)
-            state['loss_count'] += seen
-        metrics, _ = evaluate()
-        if not math.isfinite(metrics['rmse']):
-            raise Diverged(f'the validation RMSE is not finite after epoch {epoch + 1}; stopping (try a lower --lr)')
-        improved = metrics['rmse'] < state['best_val_rmse']
-        state['epoch'] += 1 if stopped == 'completed' else 0
-        state['step'] = 0
-        row = {'epoch': epoch + 1, 'train_loss': state['loss_sum'] / max(state['loss_count'], 1),
-               'val_rmse': metrics['rmse'], 'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
-               'lr': scheduler.get_last_lr()[0],
-               'img_per_s': state['train_images'] / max(state['train_seconds'], 1e-9),
-               'seconds': time.time() - start}
-        state['history'].append(row)
-        if improved:
-            state.update(best_val_rmse=metrics['rmse'], best_epoch=epoch + 1, bad_epochs=0)
-            if main_rank:
-                save(os.path.join(out_dir, 'best.pt'), checkpoint('best'))
-        else:
-            state['bad_epochs'] += 1
-        if main_rank:
-            left = (args.epochs - epoch - 1) * row['seconds'] / max(len(state['history']) - epochs_before, 1)
-            if deadline:
-                left = min(left, deadline - time.time())
-            log(f'epoch {epoch + 1}/{args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {metrics["rmse"]:.3f} '
-                f'val_mae {metrics["mae"]:.3f} val_r2 {metrics["r2"]:.3f} {row["img_per_s"]:.0f} img/s '
-                f'elapsed {fmt_time(row["seconds"])} left ~{fmt_time(left)}{"  *best" if improved else ""}')
-            dataset.write_csv(pd.DataFrame(state['history']), os.path.join(out_dir, 'history.csv'))
-            if stopped == 'completed' and state['epoch'] < args.epochs:
-                save(os.path.join(out_dir, 'last.pt'), checkpoint('last'))
-        if stopped == 'completed' and agree(state['bad_epochs'] >= args.patience):
-            stopped = 'early_stop'
-            if main_rank:
+                raise SystemExit(128 + Stop.signal)
+            metrics, _ = evaluate(run)
+            improved = metrics['rmse'] < state['best_val_rmse']
+            if stopped == 'completed':
+                state['epoch'] += 1
+            state['step'] = 0
+            state['history'].append({'epoch': epoch + 1, 'train_loss': train_loss, 'val_rmse': metrics['rmse'],
+                                     'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
+                                     'lr': run.scheduler.get_last_lr()[0], 'img_per_s': img_per_s,
+                                     'seconds': time.time() - start})
+            if improved:
+                state.update(best_val_rmse=metrics['rmse'], best_epoch=epoch + 1, bad_epochs=0)
+            else:
+                state['bad_epochs'] += 1
+            if rank == 0:
+                log_epoch(run, epoch, improved, epochs_before, deadline)
+                if improved:
+                    save(os.path.join(out_dir, 'best.pt'), checkpoint(run, 'best'))
+                dataset.write_csv(pd.DataFrame(state['history']), os.path.join(out_dir, 'history.csv'))
+                if stopped == 'completed' and state['epoch'] < args.epochs:
+                    save(os.path.join(out_dir, 'last.pt'), checkpoint(run, 'last'))
+            if stopped == 'completed' and state['bad_epochs'] >= args.patience:
+                stopped = 'early_stop'
                 log(f'early stop: no better val RMSE for {args.patience} epochs')
-        if stopped == 'time_limit' and main_rank:
-            log(f'time limit of {args.time_limit:g} min reached')
+    if stopped == 'time_limit':
+        log(f'time limit of {args.time_limit:g} min reached')
+    return finish(run, stopped, start)
 
-    # Final numbers come from the best checkpoint, evaluated once more.
-    best = load_checkpoint(os.path.join(out_dir, 'best.pt')) if main_rank else None
-    if world > 1:
-        dist.barrier()
-        best = load_checkpoint(os.path.join(out_dir, 'best.pt'))
-    raw_model.load_state_dict(best['model'])
-    metrics, pred = evaluate()
+
+def log_epoch(run, epoch, improved, epochs_before, deadline):
+    row = run.state['history'][-1]
+    left = (run.args.epochs - epoch - 1) * row['seconds'] / max(len(run.state['history']) - epochs_before, 1)
+    if deadline:
+        left = min(left, deadline - time.time())
+    run.log(f'epoch {epoch + 1}/{run.args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {row["val_rmse"]:.3f} '
+            f'val_mae {row["val_mae"]:.3f} val_r2 {row["val_r2"]:.3f} {row["img_per_s"]:.0f} img/s '
+            f'elapsed {fmt_time(row["seconds"])} left ~{fmt_time(left)}{"  *best" if improved else ""}')
+
+
+def finish(run, stopped, start):
+    """Score the best checkpoint once more and write the run's files: metrics.json,
+    val_predictions.csv, predictions.png. last.pt goes: the run is complete."""
+    state, out_dir = run.state, run.out_dir
+    if run.rank == 0:
+        run.raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model'])
+    metrics, pred = evaluate(run)
     result = {'val_rmse': metrics['rmse'], 'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
               'best_epoch': state['best_epoch'], 'epochs_run': len(state['history']), 'stopped': stopped,
               'train_img_per_s': state['train_images'] / max(state['train_seconds'], 1e-9),
-              'seconds': time.time() - start, 'n_train': len(train_rows), 'n_val': len(val_rows),
-              'device': str(device), 'world_size': world, 'model': args.model, 'size': args.size}
-    if main_rank:
-        val = pd.DataFrame({'ID': table['ID'].to_numpy()[val_rows], 'age': table['age'].to_numpy()[val_rows],
-                            'prediction': pred.numpy()})
+              'seconds': time.time() - start, 'n_train': len(run.train_rows), 'n_val': len(run.val_rows),
+              'device': str(run.device), 'world_size': run.world, 'model': run.args.model, 'size': run.args.size}
+    if run.rank == 0:
+        ages = run.table['age'].to_numpy()[run.val_rows]
+        val = pd.DataFrame({'ID': run.table['ID'].to_numpy()[run.val_rows], 'age': ages, 'prediction': pred.numpy()})
         dataset.write_csv(val, os.path.join(out_dir, 'val_predictions.csv'))
         plot_predictions(os.path.join(out_dir, 'predictions.png'), val['age'], val['prediction'],
-                         f'{args.model}, validation, best epoch {state["best_epoch"]}')
+                         f'{run.args.model}, validation, best epoch {state["best_epoch"]}')
         dataset.write_json(result, os.path.join(out_dir, 'metrics.json'))
         if os.path.exists(os.path.join(out_dir, 'last.pt')):
-            os.remove(os.path.join(out_dir, 'last.pt'))  # finished: best.pt is what counts
+            os.remove(os.path.join(out_dir, 'last.pt'))
     result['val_pred'] = pred
     return result
 
 
-def prepare_images(images, device, log=print):
-    """The whole uint8 array on the GPU when it fits (0.6 GB for 60K faces), else in host memory
-    (each batch is then gathered on the CPU and copied over)."""
-    images = torch.from_numpy(np.ascontiguousarray(images))
-    if device.type == 'cuda':
-        free, _ = torch.cuda.mem_get_info(device)
-        if images.numel() < free / 4:
-            return images.to(device)
-        log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has {free / 1e9:.1f} GB free')
-        return images
-    return images.to(device)
-
+# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     add_train_options(parser)
     parser.add_argument('--val-frac', type=float, default=0.2,
                         help='validation share, grouped by person (1/round(1/val_frac) of the people)')
@@ -570,13 +725,18 @@ def main(argv=None):
                         help='continue the run saved in RUN_DIR/last.pt with its saved options '
                              '(only --device, --time-limit and --log-every may change)')
     args = parse_args(parser, argv)
+    if not 0 < args.val_frac <= 0.5:
+        parser.error(f'--val-frac must be in (0, 0.5], got {args.val_frac}')
     if args.resume:
         last = os.path.join(args.resume, 'last.pt')
         if not os.path.exists(last):
             done = os.path.exists(os.path.join(args.resume, 'metrics.json'))
             parser.error(f'--resume {args.resume}: ' + ('the run finished (metrics.json is there)' if done
                                                         else 'no last.pt to resume from'))
-        resume = load_checkpoint(last)
+        try:
+            resume = load_checkpoint(last)
+        except CheckpointError as e:
+            parser.error(f'--resume {args.resume}: {e}')
         saved = dict(resume['args'])
         for key in ('device', 'time_limit', 'log_every'):  # these may change between sessions
             saved[key] = getattr(args, key)
@@ -588,35 +748,35 @@ def main(argv=None):
         if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
             parser.error(f'--out-dir {args.out_dir} already holds a run; choose a new --out-dir, '
                          f'or continue it with --resume {args.out_dir}')
-    rank, world, device = setup_distributed(args)
-    if world > 1:  # the ranks may have stamped their default --out-dir a second apart: use rank 0's
-        out_dir = [args.out_dir]
-        dist.broadcast_object_list(out_dir, src=0)
-        args.out_dir = out_dir[0]
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    Stop.install()
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        table, images = load_table_once(args, rank, world, log)
-        folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
-        val_rows = np.flatnonzero(folds == 0)
-        train = training_rows(table, np.flatnonzero(folds != 0), args)
-        if len(train) < 2 or len(val_rows) < 1:
-            raise dataset.DataError(f'too few rows to split ({len(table)} rows, {table["person"].nunique()} people)')
-        images = prepare_images(images, device, log)
-        result = fit(args, images, table, train, val_rows, args.out_dir, device, rank, world, resume, log)
-    except (dataset.DataError, models.WeightsError, Diverged) as e:
-        log(f'error: {e}')
+        with distributed(args.device) as (rank, world, device):
+            if world > 1:  # the ranks may have stamped their default --out-dir a second apart: use rank 0's
+                out_dir = [args.out_dir]
+                dist.broadcast_object_list(out_dir, src=0)
+                args.out_dir = out_dir[0]
+            log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+            if device.type == 'cuda':
+                torch.backends.cudnn.benchmark = True
+            os.makedirs(args.out_dir, exist_ok=True)
+            table, images = load_table_once(args, rank, world, log)
+            folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
+            val_rows = np.flatnonzero(folds == 0)
+            train_rows = training_rows(table, np.flatnonzero(folds != 0), args)
+            if len(train_rows) < 2 or len(val_rows) < 1:
+                raise dataset.DataError(f'too few rows to split ({len(table)} rows, '
+                                        f'{table["person"].nunique()} people)')
+            images = prepare_images(images, device, log)
+            result = fit(args, images, table, train_rows, val_rows, args.out_dir, device, rank, world, resume, log)
+    except (dataset.DataError, models.WeightsError, CheckpointError, Diverged) as e:
+        error(e)
         return 1
     except torch.OutOfMemoryError:
-        log(f'error: out of GPU memory at --batch-size {args.batch_size} --size {args.size}; '
-            f'try --batch-size {max(1, args.batch_size // 2)}')
+        error(f'out of GPU memory at --batch-size {args.batch_size} --size {args.size}; '
+              f'try --batch-size {max(1, args.batch_size // 2)}')
         return 1
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    except KeyboardInterrupt:
+        error('interrupted')
+        return 130
     log(f'done: val RMSE {result["val_rmse"]:.3f}  MAE {result["val_mae"]:.3f}  R^2 {result["val_r2"]:.3f} '
         f'(best epoch {result["best_epoch"]}, {result["train_img_per_s"]:.0f} img/s, '
         f'{fmt_time(result["seconds"])}); run saved in {args.out_dir}')

@@ -103,23 +103,6 @@ def test_parse_float():
     assert dataset.parse_float('abc') is None
 
 
-@pytest.mark.parametrize('text, expected', [
-    ('[[111.29 111.29 252.67 252.67]]', [111.29, 111.29, 252.67, 252.67]),
-    ('[[  111.29    111.29  252.67 252.67 ]]', [111.29, 111.29, 252.67, 252.67]),
-    ('[[ 48.47823   64.22      145.4     161.15 ]]', [48.47823, 64.22, 145.4, 161.15]),
-    ('[[ 12.5\n   30.  40.25 55.5]]', [12.5, 30.0, 40.25, 55.5]),  # numpy wraps long rows
-    ('[[1 1 1 1]]', [1.0, 1.0, 1.0, 1.0]),
-    ('[[1.5e+02 2 3 4]]', [150.0, 2.0, 3.0, 4.0]),
-])
-def test_parse_face_location(text, expected):
-    assert dataset.parse_face_location(text) == pytest.approx(expected)
-
-
-def test_parse_face_location_rejects_too_few_numbers():
-    assert dataset.parse_face_location('[]') is None
-    assert dataset.parse_face_location('[[1 2 3]]') is None
-
-
 def test_read_labels_kaggle_csv(tmp_path):
     path = tmp_path / 'wiki_labels.csv'
     path.write_text(

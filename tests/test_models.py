@@ -214,11 +214,11 @@ def test_crafted_weights_file_refused(tmp_path):
 def test_load_checkpoint_refuses_crafted_file(tmp_path):
     marker = tmp_path / 'pwned'
     for path in crafted_files(tmp_path, marker):
-        with pytest.raises(dataset.DataError) as info:
+        with pytest.raises(train.CheckpointError) as info:
             train.load_checkpoint(str(path))
         assert str(path) in str(info.value) and 'refused' in str(info.value)
         assert not marker.exists(), f'{path.name} ran code in train.load_checkpoint'
-    with pytest.raises(dataset.DataError, match='not found'):
+    with pytest.raises(train.CheckpointError, match='not found'):
         train.load_checkpoint(str(tmp_path / 'absent.pt'))
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import dataset
+import demo_data
 import predict
 import train
 
@@ -149,7 +150,7 @@ def test_unreadable_images_in_the_clean_csv_are_skipped_and_counted(tmp_path, ca
     training skips exactly those rows, says so, and runs."""
     import clean_data
     data = tmp_path / 'data'
-    dataset.make_demo_data(str(data), n=200, n_judge=5, seed=1)
+    demo_data.make_demo_data(str(data), n=200, n_judge=5, seed=1)
     assert clean_data.main(['--data', str(data), '--no-image-check', '--min-face-score=-inf',
                             '--keep-second-face', '--min-age', '0', '--max-age', '1000']) == 0
     capsys.readouterr()
@@ -163,7 +164,7 @@ def test_unreadable_images_in_the_clean_csv_are_skipped_and_counted(tmp_path, ca
 
 def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys):
     assert train.main(['--data', str(tmp_path), '--out-dir', str(tmp_path / 'run'), *FAST]) == 1
-    assert 'wiki_labels_clean.csv not found' in capsys.readouterr().out
+    assert 'wiki_labels_clean.csv not found' in capsys.readouterr().err
     import clean_data
     assert clean_data.main(['--data', str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -182,9 +183,9 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_d
     monkeypatch.setitem(train.LOSSES, 'mse', PoisonedMSE)
     out = tmp_path / 'run'
     assert run_train(tiny_data, out, '--loss', 'mse', '--epochs', '3') == 1
-    text = capsys.readouterr().out
-    steps = int(text.split(' steps/epoch')[0].rsplit('(', 1)[1])
-    assert f'NaN/inf at epoch {1 + 8 // steps} step {8 % steps + 1}' in text
+    captured = capsys.readouterr()
+    steps = int(captured.out.split(' steps/epoch')[0].rsplit('(', 1)[1])
+    assert f'NaN/inf at epoch {1 + 8 // steps} step {8 % steps + 1};' in captured.err
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['epoch'] == 1 and all(torch.isfinite(v).all() for v in best['model'].values() if v.is_floating_point())
 
@@ -194,7 +195,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
     monkeypatch.setattr(train, 'fit', oom)
     assert run_train(tiny_data, tmp_path / 'run') == 1
-    assert 'try --batch-size 8' in capsys.readouterr().out
+    assert 'try --batch-size 8' in capsys.readouterr().err
 
 
 def test_time_limit_stops_cleanly_with_a_best_checkpoint(tiny_data, tmp_path):
@@ -274,7 +275,12 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     assert train.parse_args(parser, ['--demo', '--size=48']).size == 48
     parser = argparse.ArgumentParser()
     train.add_train_options(parser)
-    assert train.parse_args(parser, ['--demo', '--model', 'resnet50']).size == train.DEMO_SIZE['resnet50']
+    args = train.parse_args(parser, ['--demo', '--model', 'resnet50'])
+    assert (args.model, args.size, args.weights) == ('resnet50', 32, 'none')
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    args = train.parse_args(parser, ['--demo', '--epochs', '3'])
+    assert (args.model, args.size, args.epochs, args.time_limit) == ('cnn', 64, 3, 2.5)
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):

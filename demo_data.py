@@ -1,0 +1,193 @@
+"""Synthetic faces in the Kaggle layout, for `--demo` runs and the tests (no real person's photo).
+
+    python demo_data.py data/demo              # write the synthetic Kaggle-layout demo folder
+    python demo_data.py data/demo --n 3000     # a bigger one
+
+Each face is drawn with Pillow so that its age shows in the pixels (proportions, greying and
+receding hair, wrinkles), and the folder carries the real files' dirt at realistic rates:
+`#NAME?` face scores, missing genders, second faces, impossible ages, one missing and one
+truncated PNG. `demo_judge_answers.csv` (not part of Kaggle's layout) holds the test set's ages.
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+
+from dataset import IMAGE_SIZE, LABEL_COLUMNS, HelpFormatter, parse_list, write_csv
+
+FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
+         'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']
+LAST = ['Novák', 'Jauhojärvi', 'García', 'Smith', "O'Neil", 'Müller', 'Rossi', 'Kowalski', 'Ito',
+        'Dubois', 'Hansen', 'Silva', 'Nowak', 'Brown', 'Lindqvist', 'Petrov', 'Costa', 'Yılmaz']
+
+
+def draw_face(rng, age, male):
+    """A 100x100 grey face whose age shows in the pixels: proportions (children have rounder faces,
+    bigger eyes set lower), greying and receding hair, forehead and eye wrinkles, sagging jaw;
+    gender shows in hair length and beard."""
+    bg = int(rng.integers(40, 210))
+    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(im)
+    grow = min(age, 18) / 18
+    old = float(np.clip((age - 30) / 50, 0, 1))
+    cx, cy = 50 + rng.normal(0, 2.5), 53 + rng.normal(0, 2.5)
+    fw = 27 + 7 * grow + rng.normal(0, 1.5)
+    fh = fw * (1.02 + 0.22 * grow + (0.05 if male else 0) + rng.normal(0, 0.03))
+    skin = int(np.clip(rng.normal(170, 22) - 15 * old, 80, 235))
+    hair = float(np.clip(rng.normal(55, 30), 10, 150))
+    grey = float(np.clip((age - 28) / 45 + rng.normal(0, 0.08), 0, 1))
+    hair = int(hair + (225 - hair) * grey)
+    if not male:  # long hair falls behind the face
+        d.rounded_rectangle([cx - fw - 6, cy - fh - 4, cx + fw + 6, cy + fh * (0.8 + rng.random() * 0.5)],
+                            radius=14, fill=hair)
+    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
+    recede = old * (0.6 if male else 0.15) * fh * rng.random() ** 0.5
+    d.chord([cx - fw - 2, cy - fh - 5 - recede * 0.2, cx + fw + 2, cy - fh * 0.15 + (0 if male else 6) - recede],
+            180, 360, fill=hair)
+    eye_y = cy - fh * (0.05 + 0.17 * grow)
+    eye_r = 4.6 - 1.7 * grow + rng.normal(0, 0.3)
+    for side in (-1, 1):
+        ex = cx + side * fw * 0.42
+        d.ellipse([ex - eye_r * 1.4, eye_y - eye_r, ex + eye_r * 1.4, eye_y + eye_r], fill=235)
+        d.ellipse([ex - eye_r * 0.6, eye_y - eye_r * 0.6, ex + eye_r * 0.6, eye_y + eye_r * 0.6], fill=25)
+        for k in range(int(round(old * 3 + rng.normal(0, 0.4)))):  # crow's feet
+            y = eye_y - 2 + 2.5 * k
+            d.line([ex + side * eye_r * 1.6, y, ex + side * (eye_r * 1.6 + 5), y + (k - 1) * 2],
+                   fill=max(0, skin - 70), width=1)
+        if age > 45:  # bags under the eyes
+            d.arc([ex - eye_r * 1.4, eye_y, ex + eye_r * 1.4, eye_y + eye_r * 2.2], 20, 160,
+                  fill=max(0, skin - 50), width=1)
+    for k in range(int(round((age - 22) / 9 + rng.normal(0, 0.5)))):  # forehead lines
+        y = eye_y - 8 - 3 * k
+        if y < cy - fh + 4:
+            break
+        d.arc([cx - fw * 0.6, y, cx + fw * 0.6, y + 5], 200, 340, fill=max(0, skin - 45 - 5 * k), width=1)
+    nose_y = cy + fh * (0.12 + 0.05 * grow)
+    d.line([cx, eye_y + 4, cx - 2, nose_y], fill=skin - 40, width=1)
+    mouth_y = cy + fh * (0.42 + 0.06 * old)
+    mw = fw * (0.32 + 0.1 * grow)
+    d.arc([cx - mw, mouth_y - 4, cx + mw, mouth_y + 3 - 4 * old], 10, 170, fill=90, width=2)
+    if age > 35:  # nasolabial folds
+        for side in (-1, 1):
+            d.line([cx + side * 6, nose_y + 1, cx + side * (mw + 3), mouth_y + 2],
+                   fill=max(0, skin - int(25 + 35 * old)), width=1)
+    if male and age > 18 and rng.random() < 0.35:
+        d.chord([cx - fw * 0.85, mouth_y - 6, cx + fw * 0.85, cy + fh + 2], 0, 180, fill=hair)
+    im = im.rotate(rng.normal(0, 4), resample=Image.BILINEAR, fillcolor=bg)
+    im = im.filter(ImageFilter.GaussianBlur(0.6))
+    a = np.asarray(im, dtype=np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 6, im.size)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def draw_clutter(rng):
+    """What a `#NAME?` row often shows: no detectable face."""
+    im = Image.new('L', (IMAGE_SIZE, IMAGE_SIZE), int(rng.integers(0, 255)))
+    d = ImageDraw.Draw(im)
+    for _ in range(6):
+        box = sorted(rng.integers(0, 100, 2)), sorted(rng.integers(0, 100, 2))
+        d.rectangle([box[0][0], box[1][0], box[0][1], box[1][1]], fill=int(rng.integers(0, 255)))
+    return np.asarray(im)
+
+
+def datenum(date):
+    return date.toordinal() + 366  # Matlab's day count starts a year earlier than Python's
+
+
+def make_demo_data(root, n=1500, n_judge=300, seed=0):
+    """A complete Kaggle-layout folder with drawn faces and real-world dirt at realistic rates."""
+    rng = np.random.default_rng(seed)
+    label_dir = os.path.join(root, 'wiki_labeled', 'wiki_labeled')
+    judge_dir = os.path.join(root, 'wiki_judge_images', 'wiki_judge_images')
+    rows, person = [], 0
+    while len(rows) < n:
+        person += 1
+        pid = int(rng.integers(10_000, 50_000_000))
+        male = rng.random() < 0.78
+        initial = chr(ord('A') + int(rng.integers(0, 26)))
+        name = f"['{rng.choice(FIRST)} {initial}. {rng.choice(LAST)}']" if rng.random() > 0.02 else '[]'
+        birth = datetime.date(1900, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 29_000)))
+        base_age = float(np.clip(14 + rng.gamma(2.0, 11.0) if rng.random() > 0.08 else rng.uniform(1, 14), 1, 99))
+        first_year = min(birth.year + int(round(base_age)), 2015)
+        for year in sorted(set(first_year - rng.integers(0, 8, 1 + rng.poisson(0.35)))):
+            year = int(year)
+            age = (datenum(datetime.date(year, 2, 1)) - datenum(birth)) / 365.25
+            rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year, age=max(age, 0.0)))
+    rows = rows[:n]
+    records = []
+    for i, r in enumerate(rows):
+        ID = 2002 + i
+        dob = datenum(r['birth'])
+        age = r['age']
+        u = rng.random()
+        if u < 0.01:
+            age = 0.0  # photo year before birth, clipped to 0 as in the real data
+        elif u < 0.02:
+            age = float(rng.uniform(101, 790))  # nonsense birth dates
+        no_face = rng.random() < 0.28
+        second = (not no_face) and rng.random() < 0.06
+        gender = '' if rng.random() < 0.04 else ('1.0' if r['male'] else '0.0')
+        rel = f"{r['pid'] % 100:02d}/{r['pid']}_{r['birth'].isoformat()}_{r['year']}.png"
+        img = draw_clutter(rng) if no_face else draw_face(rng, min(max(r['age'], 1), 100), r['male'])
+        if second:  # a smaller second face in a corner
+            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)), rng.random() < 0.5)).resize((40, 40))
+            img = img.copy()
+            img[:40, 60:] = np.asarray(small)
+        os.makedirs(os.path.join(label_dir, rel[:2]), exist_ok=True)
+        Image.fromarray(img).save(os.path.join(label_dir, rel))
+        if no_face:
+            location, score = '[[1 1 1 1]]', '#NAME?'
+        else:
+            x0, y0 = rng.uniform(20, 300, 2)
+            s = rng.uniform(60, 250)
+            location = f'[[{x0:.5f} {y0:.6g} {x0 + s:.5f} {y0 + s:.6g}]]'
+            score = f'{rng.uniform(0.3, 6.5):.9f}'
+        records.append({'ID': ID, 'dob': dob, 'dob_str': f"['{r['birth'].strftime('%d-%b-%Y')}']",
+                        'photo_taken': r['year'], 'full_path': f"['{rel}']", 'gender': gender,
+                        'name': r['name'], 'face_location': location, 'face_score': score,
+                        'second_face_score': f'{rng.uniform(0.5, 4):.9f}' if second else '',
+                        'age': round(age, 6)})
+    # One file that never made it out of the zip, one that was cut short.
+    missing, corrupt = records[7]['full_path'], records[11]['full_path']
+    os.remove(os.path.join(label_dir, parse_list(missing)))
+    with open(os.path.join(label_dir, parse_list(corrupt)), 'r+b') as f:
+        f.truncate(200)
+
+    ids = np.sort(rng.choice(np.arange(1, int(n_judge * 1.42) + 1), n_judge, replace=False))
+    judge, answers = [], []
+    os.makedirs(judge_dir, exist_ok=True)
+    for ID in ids:
+        male = rng.random() < 0.78
+        age = float(np.clip(14 + rng.gamma(2.0, 11.0), 1, 99))
+        Image.fromarray(draw_face(rng, age, male)).save(os.path.join(judge_dir, f'{ID}.png'))
+        judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']",
+                      'gender': '' if rng.random() < 0.02 else ('1.0' if male else '0.0'),
+                      'face_score': repr(float(rng.uniform(1, 6.5))) if rng.random() > 0.01 else '-inf',
+                      'second_face_score': ''})
+        answers.append({'ID': int(ID), 'age': round(age, 3)})
+    write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
+    # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
+    write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
+    # Last: train.py takes a folder with wiki_labels.csv as complete.
+    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
+    return root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('out', metavar='DIR', help='write the synthetic demo folder here')
+    parser.add_argument('--n', type=int, default=1500, help='labelled rows')
+    parser.add_argument('--n-judge', type=int, default=300, help='test rows')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, 'wiki_labels.csv')):
+        parser.error(f'{args.out} already holds a data set; choose another folder')
+    make_demo_data(args.out, args.n, args.n_judge, args.seed)
+    print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.out}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
