@@ -1,6 +1,9 @@
 """cv.py: folds, grid expansion, summary numbers, a tiny CV run, resuming and predicting from it."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -10,6 +13,8 @@ import torch
 import cv
 import predict
 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
         '--device', 'cpu', '--log-every', '100']
@@ -90,12 +95,23 @@ def test_only_the_best_combinations_fold_models_are_kept(cv_run):
 
 
 def test_predict_averages_the_cv_fold_models(cv_run, tiny_data, tmp_path, capsys):
+    """The submission from a CV run is the mean of what each fold model predicts on its own."""
     out, _ = cv_run
     sub = tmp_path / 'sub.csv'
     assert predict.main(['--checkpoint', out, '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
     assert '3 model(s)' in capsys.readouterr().out
+    checkpoints = pd.read_csv(os.path.join(out, 'fold_models.csv'))['checkpoint']
+    singles = []
+    for k, ckpt in enumerate(checkpoints):
+        one = tmp_path / f'fold{k}.csv'
+        assert predict.main(['--checkpoint', os.path.join(out, ckpt), '--data', tiny_data, '--out', str(one),
+                             '--device', 'cpu']) == 0
+        singles.append(pd.read_csv(one)['age'].to_numpy())
+    ensemble = pd.read_csv(sub)
     judge = pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv'))
-    assert list(pd.read_csv(sub)['ID']) == sorted(judge['ID'])
+    assert list(ensemble['ID']) == sorted(judge['ID'])
+    assert np.abs(singles[0] - singles[1]).max() > 0.1  # the fold models differ, so the mean is a real test
+    np.testing.assert_allclose(ensemble['age'], np.mean(singles, axis=0), atol=2e-4)  # 4 decimals in the CSVs
 
 
 def test_rerun_skips_every_finished_cell(cv_run, capsys):
@@ -107,19 +123,31 @@ def test_rerun_skips_every_finished_cell(cv_run, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(out, 'results.csv')), before)
 
 
-def test_resume_redoes_only_an_unfinished_cell(tiny_data, tmp_path, capsys):
-    out = str(tmp_path / 'run')
-    argv = ['--data', tiny_data, *FAST, '--folds', '2', '--out-dir', out]
-    assert cv.main(argv) == 0
-    first = pd.read_csv(os.path.join(out, 'results.csv'))
-    os.remove(os.path.join(out, 'cells', 'base', 'fold1', 'result.json'))  # as if killed before finishing
-    capsys.readouterr()
-    assert cv.main(argv) == 0
-    log = capsys.readouterr().out
-    assert log.count('done before, skipped') == 1 and 'base fold 1: ' in log
-    again = pd.read_csv(os.path.join(out, 'results.csv'))
-    assert again.loc[0, 'rmse'] == first.loc[0, 'rmse']
-    assert again.loc[1, 'rmse'] == pytest.approx(first.loc[1, 'rmse'])  # same seed, same numbers
+def test_resume_continues_an_interrupted_cell_from_its_last_checkpoint(tiny_data, tmp_path):
+    """Ctrl-C in the middle of the second fold, then the same command: the first fold is skipped,
+    the second continues from its last.pt, and the numbers equal an uninterrupted CV run."""
+    argv = [*FAST, '--epochs', '3', '--log-every', '1', '--folds', '2']
+    assert cv.main(['--data', tiny_data, *argv, '--out-dir', str(tmp_path / 'straight')]) == 0
+    command = [sys.executable, 'cv.py', '--data', tiny_data, *argv, '--out-dir', str(tmp_path / 'cut')]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    in_fold1 = False
+    for line in proc.stdout:
+        in_fold1 = in_fold1 or line.startswith('[2/2] base fold 1')
+        if in_fold1 and line.startswith('epoch 2/3 step 2/'):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    fold1 = tmp_path / 'cut' / 'cells' / 'base' / 'fold1'
+    assert os.path.exists(fold1 / 'last.pt') and not os.path.exists(fold1 / 'result.json')
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count('done before, skipped') == 1
+    assert 'resumed at epoch 2 step 2' in again.stdout or 'resumed at epoch 2 step 3' in again.stdout
+    straight = pd.read_csv(tmp_path / 'straight' / 'results.csv')
+    cut = pd.read_csv(tmp_path / 'cut' / 'results.csv')
+    for col in ('rmse', 'mae', 'r2', 'best_epoch'):
+        np.testing.assert_array_equal(cut[col], straight[col])
+    history = {name: pd.read_csv(tmp_path / name / 'cells' / 'base' / 'fold1' / 'history.csv') for name in ('straight', 'cut')}
+    np.testing.assert_array_equal(history['cut']['val_rmse'], history['straight']['val_rmse'])
 
 
 def test_other_options_in_the_same_directory_are_refused(cv_run, capsys):

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision
 
-import dataset
 import models
 import train
 

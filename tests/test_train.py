@@ -67,8 +67,13 @@ def test_submission_has_exactly_the_judge_ids(tiny_data, trained, tmp_path):
     assert sub['age'].between(1, 100).all()
 
 
-def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path):
-    """The same image and checkpoint give the same number in train.py's evaluation and predict.py."""
+@pytest.mark.parametrize('model', ['cnn', 'resnet50'])
+def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path, model):
+    """The same image and checkpoint give the same number in train.py's evaluation and predict.py:
+    the 1-channel cnn, and resnet50 with its grey input repeated to 3 channels."""
+    if model == 'resnet50':
+        trained = str(tmp_path / 'r50')
+        assert run_train(tiny_data, trained, '--model', 'resnet50', '--epochs', '1', '--log-every', '100') == 0
     val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv')).set_index('ID')
     judge_dir = tmp_path / 'judge' / 'wiki_judge_images' / 'wiki_judge_images'
@@ -81,8 +86,9 @@ def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path):
     assert predict.main(['--checkpoint', os.path.join(trained, 'best.pt'), '--data', str(tmp_path / 'judge'),
                          '--out', str(out), '--no-tta', '--device', 'cpu']) == 0
     merged = val.merge(pd.read_csv(out), on='ID')
-    assert len(merged) == len(val)
+    assert len(merged) == len(val) and merged['prediction'].std() > 0.01
     np.testing.assert_allclose(merged['age_y'], merged['prediction'], atol=1e-3)  # 4 decimals in the CSV
+    assert torch.load(os.path.join(trained, 'best.pt'), weights_only=True)['channels'] == (3 if model == 'resnet50' else 1)
 
 
 def test_missing_and_unreadable_judge_images_keep_their_rows(tiny_data, trained, tmp_path, capsys):
@@ -206,13 +212,89 @@ def test_time_limit_stops_cleanly_with_a_best_checkpoint(tiny_data, tmp_path):
     assert os.path.exists(out / 'best.pt')
 
 
-def test_training_only_filters_and_balancing_leave_validation_alone(tiny_data, trained, tmp_path):
-    assert run_train(tiny_data, tmp_path / 'run', '--balance-gender', '--train-max-age', '30') == 0
+def test_training_only_filters_leave_validation_alone(tiny_data, trained, tmp_path):
+    assert run_train(tiny_data, tmp_path / 'run', '--train-max-age', '30') == 0
     plain = read_json(os.path.join(trained, 'metrics.json'))
     filtered = read_json(tmp_path / 'run' / 'metrics.json')
     assert filtered['n_val'] == plain['n_val'] and filtered['n_train'] < plain['n_train']
     ids = pd.read_csv(tmp_path / 'run' / 'val_predictions.csv')['ID']
     assert list(ids) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
+
+
+def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
+    """Run train.py and return the gender of every training row it drew, over all epochs."""
+    split = {}
+    real_fit, real_order = train.fit, train.epoch_order
+
+    def fit(args, images, table, train_rows, *rest, **kw):
+        split.update(gender=table['gender'].to_numpy()[np.asarray(train_rows)])
+        return real_fit(args, images, table, train_rows, *rest, **kw)
+
+    def epoch_order(*a, **kw):
+        order = real_order(*a, **kw)
+        split.setdefault('drawn', []).append(order.numpy())
+        return order
+    monkeypatch.setattr(train, 'fit', fit)
+    monkeypatch.setattr(train, 'epoch_order', epoch_order)
+    assert run_train(tiny_data, out_dir, *flags) == 0
+    return split['gender'], split['gender'][np.concatenate(split['drawn'])]
+
+
+def test_balance_gender_draws_the_rarer_gender_as_often_and_leaves_validation_alone(
+        tiny_data, trained, tmp_path, monkeypatch):
+    rows, drawn = drawn_genders(tiny_data, tmp_path / 'balanced', monkeypatch, '--balance-gender', '--epochs', '4')
+    female_share = lambda g: (g == 0).sum() / ((g == 0) | (g == 1)).sum()  # noqa: E731
+    assert female_share(rows) < 0.3  # the demo data, like wiki, has about one woman in four
+    assert 0.4 < female_share(drawn) < 0.6  # balanced draws: about half of the known genders
+    assert np.isnan(drawn).mean() == pytest.approx(np.isnan(rows).mean(), abs=0.05)  # unknown keeps its share
+    _, plain = drawn_genders(tiny_data, tmp_path / 'plain', monkeypatch, '--epochs', '4')
+    assert female_share(plain) == pytest.approx(female_share(rows))  # without it: every row once an epoch
+    balanced = pd.read_csv(tmp_path / 'balanced' / 'val_predictions.csv')
+    assert list(balanced['ID']) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    f = lambda step: train.lr_factor(step, total_steps=100, warmup_steps=10)  # noqa: E731
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    assert f(10) == pytest.approx(1.0)  # the peak
+    assert f(55) == pytest.approx(0.5)  # half-way through the cosine
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) > f(s + 1) for s in range(10, 100))
+    assert train.warmup_steps(total_steps=1000, steps_per_epoch=20) == 60  # at most three epochs
+    assert train.warmup_steps(total_steps=100, steps_per_epoch=20) == 10  # else a tenth
+
+
+def test_a_run_ends_at_a_learning_rate_of_zero(trained):
+    history = pd.read_csv(os.path.join(trained, 'history.csv'))
+    assert history['lr'].iloc[0] > 1e-4 and abs(history['lr'].iloc[-1]) < 1e-12
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, tmp_path, monkeypatch):
+    real = train.evaluate
+
+    def worsening(run):  # the real evaluation, with an RMSE that gets worse after epoch 1
+        metrics, pred = real(run)
+        return {**metrics, 'rmse': 10.0 + run.state['epoch']}, pred
+    monkeypatch.setattr(train, 'evaluate', worsening)
+    out = tmp_path / 'run'
+    assert run_train(tiny_data, out, '--epochs', '10', '--patience', '2') == 0
+    metrics = read_json(out / 'metrics.json')
+    assert metrics['stopped'] == 'early_stop' and metrics['epochs_run'] == 3 and metrics['best_epoch'] == 1
+    assert list(pd.read_csv(out / 'history.csv')['val_rmse']) == [10.0, 11.0, 12.0]
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    import models
+    model = models.build_model('cnn', 'none', y_mean=40.0, y_std=5.0)
+    images = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
+    rows = np.arange(6)
+    args = (rows, 48, 1, 4, torch.device('cpu'))
+    plain = train.predict(model, images, *args)
+    mirrored = train.predict(model, images.flip(-1), *args)
+    both = train.predict(model, images, *args, tta=True)
+    assert (plain - mirrored).abs().max() > 0.01  # the mirror image gives another age
+    torch.testing.assert_close(both, (plain + mirrored) / 2)
 
 
 def test_balance_weights_equalise_genders_and_keep_unknown():
@@ -284,12 +366,29 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+    """Both processes see the same validation numbers every epoch (process 0 evaluates and sends
+    them), so they agree on the best epoch and on when to stop."""
     out = tmp_path / 'ddp'
-    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-                       '--data', tiny_data, '--out-dir', str(out), *FAST],
+    wrapper = tmp_path / 'train_ranks.py'  # train.py, with each process printing what its fit returned
+    wrapper.write_text(f"""import json, sys
+sys.path.insert(0, {ROOT!r})
+import train
+real = train.finish
+def finish(run, stopped, start):
+    result = real(run, stopped, start)
+    keys = ('val_rmse', 'val_mae', 'val_r2', 'best_epoch', 'epochs_run', 'stopped')
+    print('RESULT', run.rank, json.dumps({{k: result[k] for k in keys}}), [round(r['val_rmse'], 9) for r in run.state['history']], flush=True)
+    return result
+train.finish = finish
+sys.exit(train.main())
+""")
+    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(wrapper),
+                       '--data', tiny_data, '--out-dir', str(out), *FAST, '--epochs', '3'],
                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count('done: val RMSE') == 1  # only rank 0 logs
+    results = {line.split()[1]: line.split(' ', 2)[2] for line in proc.stdout.splitlines() if line.startswith('RESULT')}
+    assert set(results) == {'0', '1'} and results['0'] == results['1']
     metrics = read_json(out / 'metrics.json')
     assert metrics['world_size'] == 2 and np.isfinite(metrics['val_rmse'])
     assert torch.load(out / 'best.pt', weights_only=True)['model_name'] == 'cnn'

@@ -1,0 +1,218 @@
+"""Faults a user meets for real, each made for real: one line on stderr naming the file or flag,
+exit code 1 (2 for usage), no traceback, nothing half-written."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+import clean_data
+import cv
+import dataset
+import predict
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+        '--device', 'cpu', '--log-every', '1']
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run') / 'cnn'
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), *FAST]) == 0
+    return str(out)
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    return lines[0]
+
+
+def test_resume_on_another_kind_of_device(tiny_data, tmp_path):
+    """A last.pt saved on a GPU resumes with --device cpu: its CUDA generator state (16 bytes) cannot
+    go into a CPU generator, so the draws are seeded afresh with a warning, and the run finishes."""
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, 'train.py', '--data', tiny_data, *FAST, '--epochs', '3',
+                             '--out-dir', str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith('epoch 2/3 step 2/'):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    last = torch.load(out / 'last.pt', weights_only=True)
+    with pytest.raises(RuntimeError):  # the fault itself: a CUDA generator's state in a CPU generator
+        torch.Generator().set_state(torch.zeros(16, dtype=torch.uint8))
+    # What a CUDA run writes: its device, a 16-byte Philox state for augmentation and for CUDA's RNG.
+    last.update(device_type='cuda', aug_rng=torch.zeros(16, dtype=torch.uint8),
+                cuda_rng=torch.zeros(16, dtype=torch.uint8))
+    torch.save(last, out / 'last.pt')
+    resumed = subprocess.run([sys.executable, 'train.py', '--resume', str(out), '--device', 'cpu'], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert 'Traceback' not in resumed.stderr
+    assert 'last.pt was saved on cuda, this run goes on on cpu' in resumed.stdout
+    assert 'resumed at epoch 2' in resumed.stdout
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['epochs_run'] == 3 and np.isfinite(metrics['val_rmse'])
+
+
+def test_weights_file_of_another_architecture(tiny_data, tmp_path, capsys):
+    """A ResNet-18 state dict has resnet50's key names but other shapes: strict=False does not
+    forgive that."""
+    path = tmp_path / 'resnet18.pth'
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    code = train.main(['--data', tiny_data, '--out-dir', str(tmp_path / 'run'), *FAST, '--model', 'resnet50',
+                       '--weights', str(path)])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'--weights {path}: does not fit resnet50' in line and 'size mismatch' in line
+
+
+def test_predict_checkpoint_that_does_not_fit_its_model(tiny_data, trained, tmp_path, capsys):
+    ckpt = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)
+    ckpt['model_name'] = 'resnet50'  # a cnn's weights under the other model's name
+    bad = tmp_path / 'best.pt'
+    torch.save(ckpt, bad)
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(out), '--device', 'cpu']) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'{bad}: its weights do not fit a resnet50' in line
+    assert not out.exists()
+
+
+def test_predict_non_integer_id_in_sample_submission(tiny_data, trained, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('wiki_labeled'))
+    ids = list(pd.read_csv(data / 'wiki_judge.csv')['ID'])
+    (data / 'sample_submission.csv').write_text('ID,age\n' + f'{ids[0]},0\n' + '12.5,0\n' + f'{ids[1]},0\n')
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "sample_submission.csv: line 3: ID = '12.5' is not a whole number" in line
+    assert not out.exists()
+
+
+def test_predict_fold_models_without_checkpoint_column(tiny_data, tmp_path, capsys):
+    run = tmp_path / 'cv'
+    run.mkdir()
+    (run / 'fold_models.csv').write_text('fold,val_rmse\n0,9.1\n1,9.3\n')
+    assert predict.main(['--checkpoint', str(run), '--data', tiny_data, '--out', str(tmp_path / 's.csv'),
+                         '--device', 'cpu']) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'fold_models.csv: missing column(s) checkpoint' in line
+
+
+def test_predict_out_of_memory_suggests_a_batch_size(tiny_data, trained, tmp_path, monkeypatch, capsys):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB')
+    monkeypatch.setattr(train, 'predict', oom)
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out), '--device', 'cpu',
+                         '--batch-size', '64']) == 1
+    assert 'out of GPU memory at --batch-size 64; try --batch-size 32' in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'wrong_rows'])
+def test_damaged_image_cache_is_rebuilt(tmp_path, damage):
+    root = tmp_path / 'img'
+    paths = [f'{i}.png' for i in range(4)]
+    root.mkdir()
+    for i, p in enumerate(paths):
+        dataset.write_atomic(str(root / p), lambda tmp, i=i: dataset.Image.fromarray(
+            np.full((100, 100), 40 * i, np.uint8)).save(tmp))
+    csv, table = str(tmp_path / 'clean.csv'), pd.DataFrame({'path': paths})
+    first, _ = dataset.load_images(csv, table, str(root), log=lambda *a: None)
+    cache = dataset.cache_path(csv, paths)
+    if damage == 'truncate':
+        data = open(cache, 'rb').read()
+        open(cache, 'wb').write(data[:len(data) // 2])
+    elif damage == 'garbage':
+        open(cache, 'wb').write(b'\x00' * 1000)
+    else:
+        np.savez(cache, images=first[:2], ok=np.ones(2, bool))
+    lines = []
+    again, ok = dataset.load_images(csv, table, str(root), log=lines.append)
+    np.testing.assert_array_equal(again, first)
+    assert ok.all()
+    assert any(line.startswith('warning: the image cache') and 'decoding the images again' in line for line in lines)
+    third, _ = dataset.load_images(csv, table, str(root), log=lambda *a: pytest.fail('decoded a third time'))
+    np.testing.assert_array_equal(third, first)  # the rebuilt cache is good again
+
+
+def test_clean_data_read_error_is_not_called_a_write_error(tiny_data, tmp_path, monkeypatch, capsys):
+    """A PermissionError while reading wiki_labels.csv (root cannot be denied a read, so the read
+    raises it here) is reported as the file that cannot be read."""
+    real = pd.read_csv
+
+    def denied(path, *a, **k):
+        if str(path).endswith('wiki_labels.csv'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(pd, 'read_csv', denied)
+    assert clean_data.main(['--data', tiny_data, '--out', str(tmp_path / 'c.csv')]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'wiki_labels.csv: cannot read (Permission denied)' in line and 'write' not in line
+
+
+def test_clean_data_write_error_names_the_output(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    out = blocker / 'clean.csv'
+    assert clean_data.main(['--data', tiny_data, '--out', str(out), '--no-image-check']) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'cannot write {out}' in line and 'choose another place with --out' in line
+
+
+def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, capsys):
+    out = tmp_path / 'cv'
+    argv = ['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--out-dir', str(out)]
+    assert cv.main(argv) == 0
+    gone = out / 'cells' / 'base' / 'fold1'
+    os.remove(gone / 'result.json')  # e.g. a torchrun process died; last.pt is gone too
+    args = cv.build_parser().parse_args(argv)
+    capsys.readouterr()
+    with pytest.raises(dataset.DataError) as info:
+        cv.report(args, [{}], print)
+    assert str(gone / 'result.json') in str(info.value) and 'run the same command again' in str(info.value)
+
+
+def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the images are decoded the first time: out in well under a second, not after
+    all images (nor after a training step)."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('*.npz'))
+    real, started = dataset.decode_image, []
+
+    def slow(path):
+        if not started:  # the first image: press Ctrl-C a moment later
+            started.append(time.time())
+            threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        time.sleep(0.05)
+        return real(path)
+    monkeypatch.setattr(dataset, 'decode_image', slow)
+    rows = len(pd.read_csv(data / 'wiki_labels_clean.csv'))
+    assert rows * 0.05 / 8 > 0.5  # decoding them all takes longer than the wait below, even on 8 threads
+    code = train.main(['--data', str(data), '--out-dir', str(tmp_path / 'run'), *FAST])
+    assert code == 130 and time.time() - started[0] < 0.1 + 0.3
+    assert one_error_line(capsys.readouterr().err) == 'error: interrupted'
+    assert not any(f.endswith('.npz') for f in os.listdir(data))  # no half-written cache
+
+
+def test_time_limit_before_the_first_log_step_still_counts_images(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), *FAST, '--log-every', '1000',
+                       '--time-limit', '0.00001']) == 0
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['stopped'] == 'time_limit' and metrics['train_img_per_s'] > 0
