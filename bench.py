@@ -255,10 +255,10 @@ def print_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
-    parser.add_argument('--model', default='resnet50', choices=models.MODELS)
+    parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
     parser.add_argument('--size', type=int, default=100, help='model input size in pixels')
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'))
+    parser.add_argument('--batch-size', type=int, default=128, help='images per step')
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to run')
     parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: synthetic faces')
     parser.add_argument('--n', type=int, default=2000, help='images to use (the first N rows of --data)')
     parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
@@ -271,7 +271,7 @@ def main(argv=None):
     # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4 sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
     parser.add_argument('--peak-tflops', type=float, default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the faces, batches and weights')
     parser.add_argument('--json', metavar='FILE', help='also write the figures here')
     parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short measurements')
     args = parser.parse_args(argv)

@@ -181,7 +181,7 @@ def main(argv=None):
     parser.add_argument('out', metavar='DIR', help='write the synthetic demo folder here')
     parser.add_argument('--n', type=int, default=1500, help='labelled rows')
     parser.add_argument('--n-judge', type=int, default=300, help='test rows')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the drawn faces')
     args = parser.parse_args(argv)
     if os.path.exists(os.path.join(args.out, 'wiki_labels.csv')):
         parser.error(f'{args.out} already holds a data set; choose another folder')

@@ -1,6 +1,7 @@
 """train.py and predict.py through their real entry points, on tiny synthetic data, on the CPU."""
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -257,7 +258,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     f = lambda step: train.lr_factor(step, total_steps=100, warmup_steps=10)  # noqa: E731
     assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
     assert f(10) == pytest.approx(1.0)  # the peak
-    assert f(55) == pytest.approx(0.5)  # half-way through the cosine
+    assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))  # a sixth of the way down the cosine
+    assert f(55) == pytest.approx(0.5)  # half-way
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) > f(s + 1) for s in range(10, 100))
     assert train.warmup_steps(total_steps=1000, steps_per_epoch=20) == 60  # at most three epochs
