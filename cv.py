@@ -32,7 +32,7 @@ import dataset
 import models
 import train
 
-# Options that say where and how to run, not what to train: not part of a run's identity.
+# Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's own.
 NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit', 'seed',
                  'folds', 'grid', 'out_dir', 'keep_all_models'}
 
