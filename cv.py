@@ -200,6 +200,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         train.error('interrupted; run the same command again to go on')
         return 130
+    except OSError as e:
+        train.error(f'{e.filename or args.out_dir}: {e.strerror or e}')
+        return 1
     return 0
 
 

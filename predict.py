@@ -116,7 +116,11 @@ def main(argv=None):
         print(f'warning: {int(bad.sum())} test image(s) missing or unreadable, predicted the training mean '
               f'{mean_age:.1f} for IDs {judge["ID"][bad].tolist()}', file=sys.stderr)
     submission = pd.DataFrame({'ID': judge['ID'], 'age': np.round(age, 4)})
-    dataset.write_csv(submission, args.out)
+    try:
+        dataset.write_csv(submission, args.out)
+    except OSError as e:
+        train.error(f'cannot write {args.out}: {e.strerror or e}; choose another place with --out')
+        return 1
     print(f'wrote {len(submission)} rows to {args.out} (mean age {age.mean():.1f}, '
           f'{len(paths)} model(s), flip TTA {"off" if args.no_tta else "on"})')
     return 0

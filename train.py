@@ -107,22 +107,16 @@ def check_args(parser, args):
 def parse_args(parser, argv=None, count_runs=None):
     """Parse, fill in the --demo presets and the weights default, check. count_runs(args): how many
     runs the command makes (cv.py), so that a demo fits its time."""
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if args.demo:
-        model = args.model if given(argv, '--model') else 'cnn'
-        for key, value in demo_presets(model, count_runs(args) if count_runs else 1).items():
-            if not given(argv, '--' + key.replace('_', '-')):
-                setattr(args, key, value)
+    if args.demo:  # the presets become defaults, so every flag on the command line still wins
+        parser.set_defaults(model='cnn')
+        model = parser.parse_args(argv).model
+        parser.set_defaults(**demo_presets(model, count_runs(args) if count_runs else 1))
+        args = parser.parse_args(argv)
     if args.weights is None:
         args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
     check_args(parser, args)
     return args
-
-
-def given(argv, flag):
-    """Was flag on the command line, as '--flag VALUE' or '--flag=VALUE'?"""
-    return any(a == flag or a.startswith(flag + '=') for a in argv)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -482,7 +476,7 @@ def train_epoch(run, epoch, start, deadline):
     first = done = checked = state['step']
     loss_sum = torch.zeros((), device=run.device)  # summed on the device: no GPU sync per step
     t0 = tick = time.time()
-    stopped = 'completed'
+    stopped, total = 'completed', 0.0
     for step in range(first, run.steps_per_epoch):
         idx = order[step * run.per_rank:(step + 1) * run.per_rank]
         x = model_input(run.images.index_select(0, idx).to(run.device, non_blocking=True), args.size, run.channels,
@@ -510,7 +504,8 @@ def train_epoch(run, epoch, start, deadline):
         if stopped != 'completed':
             break
     # Fold this session's part of the epoch into the state (what last.pt and the history keep).
-    total = summed_loss(run, loss_sum, epoch, checked + 1, done) if done > first else 0.0
+    if done > checked:  # steps since the last log step (at a log step, `total` is up to date)
+        total = summed_loss(run, loss_sum, epoch, checked + 1, done)
     state.update(step=done, loss_sum=state['loss_sum'] + total, loss_count=state['loss_count'] + done - first,
                  train_images=state['train_images'] + (done - first) * run.per_rank * run.world,
                  train_seconds=state['train_seconds'] + time.time() - t0)
@@ -580,17 +575,20 @@ def restore(run, resume):
         run.scaler.load_state_dict(resume['scaler'])
     run.state.update(resume['state'])
     torch.set_rng_state(resume['torch_rng'])  # dropout draws from the global generator on CPUs
-    if resume.get('device_type', run.device.type) == run.device.type:
-        if run.aug is not None:
+    same_device = resume.get('device_type', run.device.type) == run.device.type
+    try:
+        if same_device and run.aug is not None:
             run.aug.set_state(resume['aug_rng'])
-        if run.device.type == 'cuda':
+        if same_device and run.device.type == 'cuda':
             torch.cuda.set_rng_state(resume['cuda_rng'], run.device)
-    else:
+    except (RuntimeError, TypeError):  # a checkpoint from before device_type was saved
+        same_device = False
+    if not same_device:
         if run.aug is not None:
-            run.aug.manual_seed(run.args.seed * 1_000_003 + run.state['epoch'] * 101 + run.state['step'])
-        run.log(f'warning: last.pt was saved on {resume["device_type"]}, this run goes on on {run.device.type}: '
-                'the same weights, optimizer and schedule, but other random draws (augmentation, dropout) '
-                'than an uninterrupted run')
+            run.aug.manual_seed(run.args.seed * 1_000_003 + run.state['epoch'] * 101 + run.state['step'] * 7 + run.rank)
+        run.log(f'warning: last.pt was saved on {resume.get("device_type", "another device")}, this run goes on on '
+                f'{run.device.type}: the same weights, optimizer and schedule, but other random draws '
+                '(augmentation, dropout) than an uninterrupted run')
     run.log(f'resumed at epoch {run.state["epoch"] + 1} step {run.state["step"]} '
             f'(best val RMSE {run.state["best_val_rmse"]:.3f})')
 
@@ -649,7 +647,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                     save(os.path.join(out_dir, 'last.pt'), checkpoint(run, 'last'))
                     log(f'saved {os.path.join(out_dir, "last.pt")} at epoch {epoch + 1} step {state["step"]}; '
                         f'continue with: python train.py --resume {out_dir}')
-                raise SystemExit(128 + Stop.signal)
+                raise SystemExit(128 + (Stop.signal or signal.SIGINT))  # another process may have had it
             metrics, _ = evaluate(run)
             improved = metrics['rmse'] < state['best_val_rmse']
             if stopped == 'completed':
@@ -735,9 +733,10 @@ def main(argv=None):
                                                         else 'no last.pt to resume from'))
         try:
             resume = load_checkpoint(last)
-        except CheckpointError as e:
-            parser.error(f'--resume {args.resume}: {e}')
-        saved = dict(resume['args'])
+            saved = dict(resume['args'])
+        except (CheckpointError, KeyError, TypeError) as e:
+            error(f'--resume {args.resume}: {last} cannot be resumed from ({e})')
+            return 1
         for key in ('device', 'time_limit', 'log_every'):  # these may change between sessions
             saved[key] = getattr(args, key)
         args = argparse.Namespace(**{**saved, 'resume': args.resume, 'out_dir': args.resume})
@@ -777,6 +776,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         error('interrupted')
         return 130
+    except OSError as e:  # the run directory cannot be written, a disk full, ...
+        error(f'{e.filename or args.out_dir}: {e.strerror or e}')
+        return 1
     log(f'done: val RMSE {result["val_rmse"]:.3f}  MAE {result["val_mae"]:.3f}  R^2 {result["val_r2"]:.3f} '
         f'(best epoch {result["best_epoch"]}, {result["train_img_per_s"]:.0f} img/s, '
         f'{fmt_time(result["seconds"])}); run saved in {args.out_dir}')

@@ -50,21 +50,32 @@ def test_resume_on_another_kind_of_device(tiny_data, tmp_path):
         if line.startswith('epoch 2/3 step 2/'):
             proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
-    last = torch.load(out / 'last.pt', weights_only=True)
-    with pytest.raises(RuntimeError):  # the fault itself: a CUDA generator's state in a CPU generator
-        torch.Generator().set_state(torch.zeros(16, dtype=torch.uint8))
     # What a CUDA run writes: its device, a 16-byte Philox state for augmentation and for CUDA's RNG.
+    last = torch.load(out / 'last.pt', weights_only=True)
     last.update(device_type='cuda', aug_rng=torch.zeros(16, dtype=torch.uint8),
                 cuda_rng=torch.zeros(16, dtype=torch.uint8))
     torch.save(last, out / 'last.pt')
-    resumed = subprocess.run([sys.executable, 'train.py', '--resume', str(out), '--device', 'cpu'], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert 'Traceback' not in resumed.stderr
-    assert 'last.pt was saved on cuda, this run goes on on cpu' in resumed.stdout
-    assert 'resumed at epoch 2' in resumed.stdout
-    metrics = json.loads((out / 'metrics.json').read_text())
-    assert metrics['epochs_run'] == 3 and np.isfinite(metrics['val_rmse'])
+    older = tmp_path / 'older'  # the same, from a version that did not record the device
+    shutil.copytree(out, older)
+    del last['device_type']
+    torch.save(last, older / 'last.pt')
+    for run, said in ((out, 'last.pt was saved on cuda, this run goes on on cpu'),
+                      (older, 'last.pt was saved on another device, this run goes on on cpu')):
+        resumed = subprocess.run([sys.executable, 'train.py', '--resume', str(run), '--device', 'cpu'], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert 'Traceback' not in resumed.stderr
+        assert said in resumed.stdout and 'resumed at epoch 2' in resumed.stdout
+        metrics = json.loads((run / 'metrics.json').read_text())
+        assert metrics['epochs_run'] == 3 and np.isfinite(metrics['val_rmse'])
+
+
+def test_resume_from_a_damaged_last_pt(tiny_data, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'last.pt').write_bytes(b'PK\x03\x04 cut short')
+    assert train.main(['--resume', str(run)]) == 1
+    assert f'--resume {run}: {run / "last.pt"} cannot be resumed from' in one_error_line(capsys.readouterr().err)
 
 
 def test_weights_file_of_another_architecture(tiny_data, tmp_path, capsys):
@@ -175,17 +186,19 @@ def test_clean_data_write_error_names_the_output(tiny_data, tmp_path, capsys):
     assert f'cannot write {out}' in line and 'choose another place with --out' in line
 
 
-def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, capsys):
+def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run whose result.json is missing when the report is written (a torchrun process died, or
+    the file went missing): cv.py names it, says what to do, and exits 1."""
     out = tmp_path / 'cv'
     argv = ['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--out-dir', str(out)]
     assert cv.main(argv) == 0
-    gone = out / 'cells' / 'base' / 'fold1'
-    os.remove(gone / 'result.json')  # e.g. a torchrun process died; last.pt is gone too
-    args = cv.build_parser().parse_args(argv)
+    gone = out / 'cells' / 'base' / 'fold1' / 'result.json'
+    os.remove(gone)
+    monkeypatch.setattr(cv, 'run_cell', lambda *a, **k: None)  # as if another process had this run and died
     capsys.readouterr()
-    with pytest.raises(dataset.DataError) as info:
-        cv.report(args, [{}], print)
-    assert str(gone / 'result.json') in str(info.value) and 'run the same command again' in str(info.value)
+    assert cv.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'1 run(s) have no result: {gone}; run the same command again to train them' in line
 
 
 def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
@@ -199,13 +212,13 @@ def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, c
         if not started:  # the first image: press Ctrl-C a moment later
             started.append(time.time())
             threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-        time.sleep(0.05)
+        time.sleep(0.2)
         return real(path)
     monkeypatch.setattr(dataset, 'decode_image', slow)
     rows = len(pd.read_csv(data / 'wiki_labels_clean.csv'))
-    assert rows * 0.05 / 8 > 0.5  # decoding them all takes longer than the wait below, even on 8 threads
+    assert rows * 0.2 / 8 > 2  # decoding them all takes longer than the wait below, even on 8 threads
     code = train.main(['--data', str(data), '--out-dir', str(tmp_path / 'run'), *FAST])
-    assert code == 130 and time.time() - started[0] < 0.1 + 0.3
+    assert code == 130 and time.time() - started[0] < 1.5
     assert one_error_line(capsys.readouterr().err) == 'error: interrupted'
     assert not any(f.endswith('.npz') for f in os.listdir(data))  # no half-written cache
 

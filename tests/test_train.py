@@ -365,11 +365,16 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     train.add_train_options(parser)
     args = train.parse_args(parser, ['--demo', '--epochs', '3'])
     assert (args.model, args.size, args.epochs, args.time_limit) == ('cnn', 64, 3, 2.5)
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    args = train.parse_args(parser, ['--demo', '--epoch', '4', '--mod', 'resnet50'])  # abbreviated flags win too
+    assert (args.model, args.size, args.epochs) == ('resnet50', 32, 4)
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     """Both processes see the same validation numbers every epoch (process 0 evaluates and sends
-    them), so they agree on the best epoch and on when to stop."""
+    them), so they agree on the best epoch and on when to stop; the training loss they log is the
+    mean over both."""
     out = tmp_path / 'ddp'
     wrapper = tmp_path / 'train_ranks.py'  # train.py, with each process printing what its fit returned
     wrapper.write_text(f"""import json, sys
@@ -379,7 +384,8 @@ real = train.finish
 def finish(run, stopped, start):
     result = real(run, stopped, start)
     keys = ('val_rmse', 'val_mae', 'val_r2', 'best_epoch', 'epochs_run', 'stopped')
-    print('RESULT', run.rank, json.dumps({{k: result[k] for k in keys}}), [round(r['val_rmse'], 9) for r in run.state['history']], flush=True)
+    history = [(round(r['val_rmse'], 9), round(r['train_loss'], 6)) for r in run.state['history']]
+    print('RESULT', run.rank, json.dumps({{k: result[k] for k in keys}}), history, flush=True)
     return result
 train.finish = finish
 sys.exit(train.main())
