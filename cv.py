@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 
 import dataset
 import models
@@ -109,32 +108,6 @@ def summarize(results):
     summary.loc[summary['diverged'] > 0, list(summary.columns[:6])] = np.nan
     summary['seconds'] = grouped['seconds'].sum()
     return summary.sort_values('rmse_mean').reset_index()
-
-
-def plot_error_by_decade(path, age, pred, title):
-    """RMSE of the out-of-fold predictions in each age decade, with the row count on each bar."""
-    age, pred = np.asarray(age, float), np.asarray(pred, float)
-    decade = np.minimum(age // 10, 9).astype(int)
-    rmse = [np.sqrt(np.mean((pred[decade == d] - age[decade == d]) ** 2)) if (decade == d).any() else 0 for d in range(10)]
-    W, H, L, B, T = 640, 400, 60, 50, 50
-    top = max(5.0, np.ceil(max(rmse) / 5) * 5)
-    im = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(im)
-    d.line([L, T, L, H - B, W - 20, H - B], fill='black')
-    for t in np.arange(0, top + 1, 5):
-        y = H - B - t / top * (H - B - T)
-        d.line([L - 5, y, L, y], fill='black')
-        d.text((L - 30, y - 6), f'{t:g}', fill='black')
-    bar = (W - 20 - L) / 10
-    for k in range(10):
-        x0 = L + k * bar + 4
-        y = H - B - rmse[k] / top * (H - B - T)
-        d.rectangle([x0, y, x0 + bar - 8, H - B], fill=(30, 90, 200))
-        d.text((x0, H - B + 6), f'{k * 10}-{k * 10 + 9}' if k < 9 else '90+', fill='black')
-        d.text((x0, y - 14), f'n={int((decade == k).sum())}', fill='black')
-    d.text((L, 12), title, fill='black')
-    d.text((L, 28), 'RMSE (years) by true age', fill='black')
-    dataset.write_atomic(path, lambda tmp: im.save(tmp))
 
 
 def main(argv=None):
@@ -276,7 +249,8 @@ def report(args, combos, log):
                                                         torch.tensor(oof['age'].to_numpy())))
     plot_title = f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)'
     train.plot_predictions(os.path.join(args.out_dir, 'predictions.png'), oof['age'], oof['prediction'], plot_title)
-    plot_error_by_decade(os.path.join(args.out_dir, 'error_by_decade.png'), oof['age'], oof['prediction'], plot_title)
+    train.plot_error_by_decade(os.path.join(args.out_dir, 'error_by_decade.png'), oof['age'], oof['prediction'],
+                               plot_title)
 
     fold_models = pd.DataFrame({'fold': range(args.folds),
                                 'checkpoint': [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'),

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SIZE = 100  # the Kaggle crops are 100x100; the cache always holds this size
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photo was held
 LABEL_COLUMNS = ['ID', 'dob', 'dob_str', 'photo_taken', 'full_path', 'gender', 'name',
                  'face_location', 'face_score', 'second_face_score', 'age']
 JUDGE_COLUMNS = ['ID', 'full_path']
@@ -221,13 +222,26 @@ def read_judge(path):
 
 # ----------------------------------------------------------------------------- images
 
-def decode_image(path):
+def decode_image(path, photo=False):
     """One face as a (100, 100) uint8 array, or None. Returns (array, problem): problem is None,
-    'missing', 'unreadable: ...', or for an image we could still use, 'converted: ...'."""
+    'missing', 'unreadable: ...', or for an image we could still use, 'converted: ...'.
+
+    photo=True, for predict.py --images: first stand the image upright by its EXIF orientation (a
+    phone stores a portrait photo sideways) and centre-crop it to a square, so that resizing never
+    stretches a face. The Kaggle crops need neither."""
     try:
         with Image.open(path) as im:
             im.load()  # decode for real: a truncated file fails here, not at open()
             note = []
+            if photo:
+                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    note.append('turned upright by its EXIF orientation')
+                    im = ImageOps.exif_transpose(im)
+                w, h = im.size
+                if w != h:
+                    note.append(f'centre square of {w}x{h}')
+                    side = min(w, h)
+                    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
             if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):  # 16-bit grey: convert('L') would clip at 255
                 note.append(f'mode {im.mode}')
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
@@ -244,19 +258,30 @@ def decode_image(path):
         return None, f'unreadable: {type(e).__name__}: {e}'.strip()
 
 
+def image_size(path):
+    """(width, height) of an image as it will be shown upright, from its header alone; None if it
+    cannot be read."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def usable(problem):
     """decode_image's problem -> can the image be used (perhaps after conversion)?"""
     return problem is None or problem.startswith('converted')
 
 
-def decode_all(paths, workers=None):
+def decode_all(paths, workers=None, photo=False):
     """Decode many images on threads (Pillow releases the GIL while decoding PNGs).
     Returns images (N, 100, 100) uint8 (zeros where unreadable) and a list of problems."""
     images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     problems = [None] * len(paths)
 
     def work(i):
-        array, problems[i] = decode_image(paths[i])
+        array, problems[i] = decode_image(paths[i], photo)
         if array is not None:
             images[i] = array
 

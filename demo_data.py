@@ -2,6 +2,7 @@
 
     python demo_data.py data/demo              # write the synthetic Kaggle-layout demo folder
     python demo_data.py data/demo --n 3000     # a bigger one
+    python demo_data.py --framing framing.png  # the README's picture of how to frame a photo
 
 Each face is drawn with Pillow so that its age shows in the pixels (proportions, greying and
 receding hair, wrinkles), and the folder carries the real files' dirt at realistic rates:
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from dataset import IMAGE_SIZE, LABEL_COLUMNS, HelpFormatter, parse_list, write_csv
+from dataset import IMAGE_SIZE, LABEL_COLUMNS, HelpFormatter, parse_list, write_atomic, write_csv
 
 FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
          'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']
@@ -176,13 +177,53 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
     return root
 
 
+def framing_picture(path, seed=7):
+    """The README's picture of how to frame a photo, from drawn faces only: a training-like face,
+    then one synthetic photo cropped well, cropped too tight, and not cropped at all."""
+    rng = np.random.default_rng(seed)
+    training = Image.fromarray(draw_face(rng, 35, True))
+    # A "photo": a wider scene with shoulders, the face (a second drawing) in its upper middle.
+    head = draw_face(rng, 35, True)
+    bg = int(np.median(np.concatenate([head[:8].ravel(), head[:, :8].ravel()])))
+    scene = Image.new('L', (400, 300), bg)
+    d = ImageDraw.Draw(scene)
+    d.chord([70, 200, 330, 420], 180, 360, fill=max(0, bg - 60))  # shoulders
+    d.rectangle([170, 160, 230, 215], fill=int(np.clip(bg + 40, 0, 255)))  # neck
+    box = (125, 25, 275, 175)  # where the 150x150 head goes: the framing of the training crops
+    scene.paste(Image.fromarray(head).resize((150, 150), Image.BILINEAR), box[:2])
+    tight = (box[0] + 40, box[1] + 50, box[2] - 40, box[3] - 30)
+    panels = [(training, 'a training face'), (scene.crop(box), 'good: face and margin'),
+              (scene.crop(tight), 'bad: too tight'), (scene, 'bad: whole photo (box: the part used)')]
+    W, H, pad = 200, 200, 12  # each panel shown at 200 px
+    picture = Image.new('L', (len(panels) * (W + pad) + pad, H + 2 * pad + 30), 255)
+    d = ImageDraw.Draw(picture)
+    for i, (im, caption) in enumerate(panels):
+        x = pad + i * (W + pad)
+        shown = im.resize((W, round(W * im.size[1] / im.size[0])), Image.BILINEAR)
+        y = pad + (H - shown.size[1]) // 2
+        picture.paste(shown, (x, y))
+        if im is scene:  # predict.py uses the centre square of a wide photo
+            side = shown.size[1]
+            left = x + (W - side) // 2
+            d.rectangle([left, y, left + side - 1, y + side - 1], outline=0)
+        d.text((x, H + pad + 8), caption, fill=0)
+    write_atomic(path, lambda tmp: picture.save(tmp))
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('out', metavar='DIR', help='write the synthetic demo folder here')
+    parser.add_argument('out', metavar='DIR', nargs='?', help='write the synthetic demo folder here')
+    parser.add_argument('--framing', metavar='PNG', help="draw the README's picture of how to frame a photo")
     parser.add_argument('--n', type=int, default=1500, help='labelled rows')
     parser.add_argument('--n-judge', type=int, default=300, help='test rows')
     parser.add_argument('--seed', type=int, default=0, help='seed of the drawn faces')
     args = parser.parse_args(argv)
+    if args.framing:
+        print(f'wrote {framing_picture(args.framing)}')
+        return 0
+    if not args.out:
+        parser.error('give a folder DIR for the demo data, or --framing PNG')
     if os.path.exists(os.path.join(args.out, 'wiki_labels.csv')):
         parser.error(f'{args.out} already holds a data set; choose another folder')
     make_demo_data(args.out, args.n, args.n_judge, args.seed)

@@ -1,13 +1,20 @@
-"""Write the Kaggle submission: ID,age for every test image, averaged over one or more models.
+"""Predict ages with one or more trained models: the Kaggle submission, or any photos.
 
     python predict.py --checkpoint runs/r50/best.pt --data data/wiki --out submission.csv
     python predict.py --checkpoint runs/cv-resnet50 --data data/wiki       # the CV run's fold models
-    python predict.py --checkpoint a/best.pt b/best.pt --no-tta            # average two runs, no flip
+    python predict.py --checkpoint a/best.pt b/best.pt --data data/wiki --no-tta   # two runs, no flip
+    python predict.py --checkpoint runs/r50 --images me.jpg photos/        # your own photos
+    python predict.py --checkpoint runs/r50 --images faces/ --labels faces/ages.csv   # score a folder
 
-One row per ID of wiki_judge.csv (or of sample_submission.csv when the download has one), sorted
-by ID. Each image goes through the same preprocessing as validation in train.py; horizontal-flip
-test-time augmentation averages each face with its mirror image. A test image that is missing or
-unreadable still gets a row: the training mean age, and a warning lists its ID.
+--data writes one row per ID of wiki_judge.csv (or of sample_submission.csv when the download has
+one), sorted by ID; a test image that is missing or unreadable still gets a row, the training mean
+age, and a warning lists its ID. --images takes files and folders (walked recursively, sorted), in
+any format Pillow reads, and writes path,age for every readable image; unreadable files are listed
+as such. --labels (columns file,age) also scores them: RMSE, MAE, R^2 and RMSE per age decade.
+
+Every image goes through the preprocessing of validation in train.py (grey, 100x100, the same
+normalisation), and horizontal-flip test-time augmentation averages each face with its mirror
+image. A photo is first turned upright by its EXIF orientation and centre-cropped to a square.
 """
 import argparse
 import os
@@ -75,54 +82,163 @@ def test_table(files, data_dir):
     return judge.sort_values('ID').reset_index(drop=True)
 
 
+def predict_ages(checkpoints, images, device, batch_size, tta):
+    """Ages for every image (uint8 tensor (N, 100, 100)), the mean over the models, and the mean
+    of their training ages (the guess for a face that cannot be read)."""
+    total, mean_age = torch.zeros(len(images)), 0.0
+    for path in checkpoints:
+        model, ckpt = load_model(path, device)
+        total += train.predict(model, images, np.arange(len(images)), ckpt['size'], ckpt['channels'], batch_size,
+                               device, tta=tta)
+        mean_age += ckpt['y_mean'] / len(checkpoints)
+        print(f'{path}: {ckpt["model_name"]} at {ckpt["size"]} px, val RMSE {ckpt.get("val_rmse", float("nan")):.3f}',
+              flush=True)
+    return (total / len(checkpoints)).numpy(), mean_age
+
+
+def kaggle_submission(args, checkpoints, device):
+    files = dataset.find_files(args.data)
+    judge = test_table(files, args.data)
+    images, problems = dataset.decode_all([os.path.join(files['judge_images'], p) for p in judge['path']])
+    bad = np.array([not dataset.usable(p) for p in problems])
+    age, mean_age = predict_ages(checkpoints, torch.from_numpy(images), device, args.batch_size, not args.no_tta)
+    if bad.any():
+        age[bad] = mean_age  # the RMSE-optimal guess without a picture
+        print(f'warning: {int(bad.sum())} test image(s) missing or unreadable, predicted the training mean '
+              f'{mean_age:.1f} for IDs {judge["ID"][bad].tolist()}', file=sys.stderr)
+    return pd.DataFrame({'ID': judge['ID'], 'age': np.round(age, 4)})
+
+
+def find_images(paths, skip=()):
+    """Files named, and every file under the folders named (walked recursively, sorted), in the order
+    given. Hidden files and `skip` (the labels CSV) are left out; anything else is tried as an image."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            walked = [os.path.join(root, f) for root, dirs, names in os.walk(path) for f in names
+                      if not f.startswith('.')]
+            found += sorted(p for p in walked if os.path.abspath(p) not in skip)
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise dataset.DataError(f'--images {path}: no such file or folder')
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise dataset.DataError(f'--images {" ".join(paths)}: no files there')
+    return unique
+
+
+def framing_hints(files, ok):
+    """Photos that were probably not cropped to a face like the training crops."""
+    hints = []
+    for path in np.asarray(files)[ok]:
+        size = dataset.image_size(path)
+        if size and max(size) > 1.5 * min(size):
+            hints.append(f'{path} is {size[0]}x{size[1]}, far from square: only its centre square is used')
+        elif size and min(size) > 4 * dataset.IMAGE_SIZE:
+            hints.append(f'{path} is {size[0]}x{size[1]}, far larger than the 100x100 training faces')
+    return hints
+
+
+def photo_predictions(args, checkpoints, device):
+    """--images: (table of path, age for the readable images, list of (path, problem) unreadable)."""
+    skip = {os.path.abspath(args.labels)} if args.labels else set()
+    files = find_images(args.images, skip)
+    print(f'{len(files)} file(s) to read', flush=True)
+    images, problems = dataset.decode_all(files, photo=True)
+    ok = np.array([dataset.usable(p) for p in problems])
+    if not ok.any():
+        raise dataset.DataError(f'--images {" ".join(args.images)}: none of the {len(files)} file(s) can be read '
+                                f'as an image (first: {files[0]}: {problems[0]})')
+    age = np.full(len(files), np.nan)
+    age[ok], _ = predict_ages(checkpoints, torch.from_numpy(images[ok]), device, args.batch_size, not args.no_tta)
+    width = max(len(f) for f in files)
+    print(f'\n{"file":<{width}}  age')
+    for path, a, problem in zip(files, age, problems):
+        print(f'{path:<{width}}  {a:5.1f}' if np.isfinite(a) else f'{path:<{width}}  unreadable ({problem})')
+    hints = framing_hints(files, ok)
+    if hints:
+        print('\nhint: these look uncropped; ages are best for faces framed like the training crops (README, '
+              '"Your own photos"):\n  ' + '\n  '.join(hints))
+    unreadable = [(f, p) for f, p, good in zip(files, problems, ok) if not good]
+    if unreadable:
+        print(f'warning: {len(unreadable)} file(s) could not be read as images and are not in the CSV: '
+              + ', '.join(f for f, _ in unreadable), file=sys.stderr)
+    return pd.DataFrame({'path': np.asarray(files)[ok], 'age': np.round(age[ok], 4)})
+
+
+def score_labels(args, table, out):
+    """--labels: RMSE, MAE, R^2 and RMSE per decade of the labelled images found; plots beside out."""
+    labels = dataset.read_csv_strict(args.labels, ['file', 'age'])
+    ages = dataset.parse_column(labels, 'age', args.labels, allow_nan=False)
+    folders = [p for p in args.images if os.path.isdir(p)] + [os.path.dirname(os.path.abspath(args.labels))]
+    where = {os.path.abspath(p): i for i, p in enumerate(table['path'])}
+    found, truth, missed = [], [], []
+    for name, age in zip(labels['file'], ages):
+        candidates = [name] if os.path.isabs(name) else [os.path.join(f, name) for f in folders]
+        row = next((where[os.path.abspath(c)] for c in candidates if os.path.abspath(c) in where), None)
+        if row is None:
+            missed.append(name)
+        else:
+            found.append(row)
+            truth.append(age)
+    print(f'\nlabels: {len(found)} of {len(labels)} labelled image(s) found and predicted, {len(missed)} missed'
+          + (f' (not found or unreadable: {", ".join(missed[:10])}{" ..." if len(missed) > 10 else ""})'
+             if missed else ''))
+    if not found:
+        raise dataset.DataError(f'{args.labels}: none of its files is among the images read; file names are '
+                                'relative to the --images folder or to the labels file, or absolute')
+    pred, truth = table['age'].to_numpy()[found], np.asarray(truth)
+    m = train.metrics_from_sums(train.metric_sums(torch.tensor(pred), torch.tensor(truth)))
+    print(f'RMSE {m["rmse"]:.3f}  MAE {m["mae"]:.3f}  R^2 {m["r2"]:.3f}  (n={m["n"]})')
+    print('RMSE by decade of the true age: ' + ', '.join(
+        f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name, v in train.rmse_by_decade(truth, pred).items()))
+    warning = train.collapse_warning(truth, pred)
+    if warning:
+        print(warning)
+    stem = os.path.splitext(out)[0]
+    title = f'{os.path.basename(args.labels)}, {len(found)} labelled images'
+    train.plot_predictions(f'{stem}_vs_actual.png', truth, pred, title)
+    train.plot_error_by_decade(f'{stem}_by_decade.png', truth, pred, title)
+    print(f'wrote {stem}_vs_actual.png and {stem}_by_decade.png')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     parser.add_argument('--checkpoint', nargs='+', required=True, help='best.pt files or run directories')
-    parser.add_argument('--data', default='data/wiki', help='folder with wiki_judge.csv and wiki_judge_images/')
-    parser.add_argument('--out', default='submission.csv', help='the CSV to write')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--data', help='Kaggle folder with wiki_judge.csv and wiki_judge_images/: the submission')
+    source.add_argument('--images', nargs='+', metavar='PATH', help='image files and folders: path,age for each')
+    parser.add_argument('--labels', metavar='CSV', help='with --images: a CSV of file,age to score the predictions')
+    parser.add_argument('--out', help='the CSV to write (default: submission.csv with --data, predictions.csv '
+                                      'with --images)')
     parser.add_argument('--batch-size', type=int, default=256, help='images per forward pass')
     parser.add_argument('--no-tta', action='store_true', help='no horizontal-flip test-time augmentation')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to run')
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         parser.error(f'--batch-size must be positive, got {args.batch_size}')
+    if args.labels and not args.images:
+        parser.error('--labels scores --images; for the Kaggle test set there are no labels')
+    out = args.out or ('submission.csv' if args.data else 'predictions.csv')
     device = train.pick_device(args.device)
     try:
-        files = dataset.find_files(args.data)
-        judge = test_table(files, args.data)
-        image_root = files['judge_images']
-        images, problems = dataset.decode_all([os.path.join(image_root, p) for p in judge['path']])
-        bad = np.array([not dataset.usable(p) for p in problems])
-        paths = checkpoint_files(args.checkpoint)
-        images = torch.from_numpy(images)
-        total, mean_age = torch.zeros(len(judge)), 0.0
-        for path in paths:
-            model, ckpt = load_model(path, device)
-            pred = train.predict(model, images, np.arange(len(judge)), ckpt['size'], ckpt['channels'],
-                                 args.batch_size, device, tta=not args.no_tta)
-            total += pred
-            mean_age += ckpt['y_mean'] / len(paths)
-            print(f'{path}: {ckpt["model_name"]} at {ckpt["size"]} px, val RMSE {ckpt.get("val_rmse", float("nan")):.3f}',
-                  flush=True)
+        checkpoints = checkpoint_files(args.checkpoint)
+        table = (kaggle_submission if args.data else photo_predictions)(args, checkpoints, device)
+        dataset.write_csv(table, out)
+        print(f'wrote {len(table)} rows to {out} (mean age {table["age"].mean():.1f}, {len(checkpoints)} model(s), '
+              f'flip TTA {"off" if args.no_tta else "on"})')
+        if args.labels:
+            score_labels(args, table, out)
     except (dataset.DataError, models.WeightsError, train.CheckpointError) as e:
         train.error(e)
         return 1
     except torch.OutOfMemoryError:
         train.error(f'out of GPU memory at --batch-size {args.batch_size}; try --batch-size {max(1, args.batch_size // 2)}')
         return 1
-    age = (total / len(paths)).numpy()
-    if bad.any():
-        age[bad] = mean_age  # the RMSE-optimal guess without a picture
-        print(f'warning: {int(bad.sum())} test image(s) missing or unreadable, predicted the training mean '
-              f'{mean_age:.1f} for IDs {judge["ID"][bad].tolist()}', file=sys.stderr)
-    submission = pd.DataFrame({'ID': judge['ID'], 'age': np.round(age, 4)})
-    try:
-        dataset.write_csv(submission, args.out)
     except OSError as e:
-        train.error(f'cannot write {args.out}: {e.strerror or e}; choose another place with --out')
+        train.error(f'cannot write {e.filename or out}: {e.strerror or e}; choose another place with --out')
         return 1
-    print(f'wrote {len(submission)} rows to {args.out} (mean age {age.mean():.1f}, '
-          f'{len(paths)} model(s), flip TTA {"off" if args.no_tta else "on"})')
     return 0
 
 

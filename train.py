@@ -8,7 +8,7 @@
     torchrun --nproc_per_node=4 train.py --data data/wiki    # one run on 4 GPUs (DDP)
 
 The run directory gets best.pt (everything predict.py needs), history.csv, metrics.json,
-val_predictions.csv and predictions.png (predicted vs actual). Ctrl-C or SIGTERM saves last.pt,
+val_predictions.csv, predictions.png (predicted vs actual) and error_by_decade.png. Ctrl-C or SIGTERM saves last.pt,
 from which --resume continues exactly where the run stopped.
 
 The recipe, in the order `fit` reads: build the model and optimizer; then for each epoch
@@ -332,6 +332,58 @@ def plot_predictions(path, y, pred, title):
     d.text(((W + L) / 2 - 40, H - 25), 'actual age', fill='black')
     d.text((5, T - 20), 'predicted age', fill='black')
     dataset.write_atomic(path, lambda tmp: im.save(tmp))
+
+
+def decades(age):
+    """Age decade of each true age: 0 for 0-9 years ... 9 for 90 and over."""
+    return np.minimum(np.asarray(age, float) // 10, 9).astype(int)
+
+
+def rmse_by_decade(age, pred):
+    """{'0-9': {'rmse': ..., 'n': ...}, ...} for the decades that hold at least one face: where a
+    model fails (children and the old, usually)."""
+    age, pred, decade = np.asarray(age, float), np.asarray(pred, float), decades(age)
+    return {(f'{d * 10}-{d * 10 + 9}' if d < 9 else '90+'): {
+        'rmse': float(np.sqrt(np.mean((pred[decade == d] - age[decade == d]) ** 2))), 'n': int((decade == d).sum())}
+        for d in range(10) if (decade == d).any()}
+
+
+def plot_error_by_decade(path, age, pred, title):
+    """RMSE in each decade of the true age, with the face count on each bar, drawn with Pillow."""
+    by_decade = rmse_by_decade(age, pred)
+    W, H, L, B, T = 640, 400, 60, 50, 50
+    top = max(5.0, np.ceil(max(v['rmse'] for v in by_decade.values()) / 5) * 5)
+    im = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(im)
+    d.line([L, T, L, H - B, W - 20, H - B], fill='black')
+    for t in np.arange(0, top + 1, 5):
+        y = H - B - t / top * (H - B - T)
+        d.line([L - 5, y, L, y], fill='black')
+        d.text((L - 30, y - 6), f'{t:g}', fill='black')
+    bar = (W - 20 - L) / 10
+    for k in range(10):
+        x0 = L + k * bar + 4
+        name = f'{k * 10}-{k * 10 + 9}' if k < 9 else '90+'
+        d.text((x0, H - B + 6), name, fill='black')
+        if name in by_decade:
+            y = H - B - by_decade[name]['rmse'] / top * (H - B - T)
+            d.rectangle([x0, y, x0 + bar - 8, H - B], fill=(30, 90, 200))
+            d.text((x0, y - 14), f'n={by_decade[name]["n"]}', fill='black')
+    d.text((L, 12), title, fill='black')
+    d.text((L, 28), 'RMSE (years) by true age', fill='black')
+    dataset.write_atomic(path, lambda tmp: im.save(tmp))
+
+
+def collapse_warning(age, pred):
+    """A warning when the predictions hardly vary (sd under a third of the true ages' sd): the
+    classic failure on wiki faces, one age for everyone. None when they vary enough."""
+    spread, truth = float(np.std(pred)), float(np.std(age))
+    if len(age) < 2 or spread >= truth / 3:
+        return None
+    return (f'warning: the predictions hardly vary (sd {spread:.1f} years, the true ages {truth:.1f}): the model '
+            f'has collapsed towards the mean age {float(np.mean(pred)):.1f}. Usual causes: too few epochs or a '
+            'learning rate far too high or too low, a model that did not train (see history.csv), or faces framed '
+            'unlike the training crops')
 
 
 # ----------------------------------------------------------------------------- the parts of training
@@ -687,8 +739,9 @@ def log_epoch(run, epoch, improved, epochs_before, deadline):
 
 
 def finish(run, stopped, start):
-    """Score the best checkpoint once more and write the run's files: metrics.json,
-    val_predictions.csv, predictions.png. last.pt goes: the run is complete."""
+    """Score the best checkpoint once more and write the run's files: metrics.json (with the RMSE
+    per age decade), val_predictions.csv, predictions.png, error_by_decade.png. last.pt goes: the
+    run is complete."""
     state, out_dir = run.state, run.out_dir
     if run.rank == 0:
         run.raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model'])
@@ -702,9 +755,14 @@ def finish(run, stopped, start):
         ages = run.table['age'].to_numpy()[run.val_rows]
         val = pd.DataFrame({'ID': run.table['ID'].to_numpy()[run.val_rows], 'age': ages, 'prediction': pred.numpy()})
         dataset.write_csv(val, os.path.join(out_dir, 'val_predictions.csv'))
-        plot_predictions(os.path.join(out_dir, 'predictions.png'), val['age'], val['prediction'],
-                         f'{run.args.model}, validation, best epoch {state["best_epoch"]}')
-        dataset.write_json(result, os.path.join(out_dir, 'metrics.json'))
+        title = f'{run.args.model}, validation, best epoch {state["best_epoch"]}'
+        plot_predictions(os.path.join(out_dir, 'predictions.png'), val['age'], val['prediction'], title)
+        plot_error_by_decade(os.path.join(out_dir, 'error_by_decade.png'), val['age'], val['prediction'], title)
+        dataset.write_json({**result, 'rmse_by_decade': rmse_by_decade(ages, pred.numpy())},
+                           os.path.join(out_dir, 'metrics.json'))
+        warning = collapse_warning(ages, pred.numpy())
+        if warning:
+            run.log(warning)
         if os.path.exists(os.path.join(out_dir, 'last.pt')):
             os.remove(os.path.join(out_dir, 'last.pt'))
     result['val_pred'] = pred

@@ -208,12 +208,12 @@ def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, c
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('*.npz'))
     real, started = dataset.decode_image, []
 
-    def slow(path):
+    def slow(path, photo=False):
         if not started:  # the first image: press Ctrl-C a moment later
             started.append(time.time())
             threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         time.sleep(0.2)
-        return real(path)
+        return real(path, photo)
     monkeypatch.setattr(dataset, 'decode_image', slow)
     rows = len(pd.read_csv(data / 'wiki_labels_clean.csv'))
     assert rows * 0.2 / 8 > 2  # decoding them all takes longer than the wait below, even on 8 threads
