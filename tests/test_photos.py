@@ -207,3 +207,12 @@ def test_framing_picture_is_drawn(tmp_path):
     path = demo_data.framing_picture(str(tmp_path / 'framing.png'))
     im = Image.open(path)
     assert im.size == (4 * 212 + 12, 254) and np.asarray(im).std() > 20
+
+
+def test_rmse_by_decade_names_and_numbers():
+    age, pred = np.array([5.0, 15, 17.5, 95, 100]), np.array([7.0, 15, 20.5, 80, 90])
+    by_decade = train.rmse_by_decade(age, pred)
+    assert list(by_decade) == ['0-9', '10-19', '90+']  # empty decades are left out; 100 counts as 90+
+    assert by_decade['0-9'] == {'rmse': 2.0, 'n': 1}
+    assert by_decade['10-19'] == {'rmse': pytest.approx(np.sqrt(9 / 2)), 'n': 2}
+    assert by_decade['90+'] == {'rmse': pytest.approx(np.sqrt((225 + 100) / 2)), 'n': 2}
