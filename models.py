@@ -32,29 +32,35 @@ class FP32Linear(nn.Linear):
 
 
 class AgeRegressor(nn.Module):
-    """backbone(x) -> one standardised age per image; `ages()` maps to years."""
+    """backbone(x) -> one standardised age per image, or with bins (DEX) one logit per year of age;
+    `ages()` maps either to years."""
 
-    def __init__(self, backbone, y_mean=0.0, y_std=1.0):
+    def __init__(self, backbone, y_mean=0.0, y_std=1.0, bins=0):
         super().__init__()
         self.backbone = backbone
+        self.bins = bins
         self.register_buffer('y_mean', torch.tensor(float(y_mean)))
         self.register_buffer('y_std', torch.tensor(float(y_std)))
+        self.register_buffer('bin_ages', torch.arange(float(bins)), persistent=False)
 
     def forward(self, x):
-        return self.backbone(x).squeeze(1)
+        out = self.backbone(x)
+        return out if self.bins else out.squeeze(1)
 
     def ages(self, out):
+        if self.bins:  # DEX: the expected value of the softmax over the ages 0..100
+            return torch.softmax(out.float(), dim=1) @ self.bin_ages
         return out.float() * self.y_std + self.y_mean
 
 
-def cnn():
+def cnn(outputs=1):
     """Four conv-BN-ReLU-pool blocks, global average pooling and a linear head: the baseline."""
     layers, c_in = [], 1
     for c_out in (32, 64, 128, 256):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
                    nn.MaxPool2d(2)]
         c_in = c_out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), FP32Linear(256, 1))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), FP32Linear(256, outputs))
 
 
 def imagenet_cache_file():
@@ -81,8 +87,8 @@ def load_weights_file(path):
     return state
 
 
-def resnet50(weights='imagenet'):
-    """torchvision's ResNet-50 with its 1000-class layer replaced by one output."""
+def resnet50(weights='imagenet', outputs=1):
+    """torchvision's ResNet-50 with its 1000-class layer replaced by `outputs` outputs."""
     # From scratch, each residual branch starts at zero (its last BN scale is 0), so the untrained
     # network is shallow and trains faster (Goyal et al. 2017). Pretrained weights overwrite this.
     net = torchvision.models.resnet50(weights=None, zero_init_residual=True)
@@ -114,25 +120,27 @@ def resnet50(weights='imagenet'):
             raise WeightsError(f'--weights {weights}: does not fit resnet50 '
                                f'({len(missing)} missing keys e.g. {missing[:2]}, '
                                f'{len(unexpected)} unexpected e.g. {unexpected[:2]})')
-    net.fc = FP32Linear(net.fc.in_features, 1)
+    net.fc = FP32Linear(net.fc.in_features, outputs)
     return net
 
 
-def build_model(name, weights='none', y_mean=0.0, y_std=1.0):
+def build_model(name, weights='none', y_mean=0.0, y_std=1.0, bins=0):
+    """The model `name` with a one-number head, or with bins > 0 a head of one logit per year (DEX)."""
+    outputs = bins or 1
     if name == 'cnn':
         if weights == 'imagenet':
             raise WeightsError('--weights imagenet: the cnn baseline has no pretrained weights; use --weights none')
-        net = cnn()
+        net = cnn(outputs)
         if weights not in (None, 'none'):
             try:
                 net.load_state_dict(load_weights_file(weights))
             except RuntimeError as e:
                 raise WeightsError(f'--weights {weights}: does not fit cnn ({str(e).splitlines()[0]})') from None
     elif name == 'resnet50':
-        net = resnet50(weights)
+        net = resnet50(weights, outputs)
     else:
         raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
-    return AgeRegressor(net, y_mean, y_std)
+    return AgeRegressor(net, y_mean, y_std, bins)
 
 
 if __name__ == '__main__':

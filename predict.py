@@ -54,7 +54,7 @@ def load_model(path, device):
             raise train.CheckpointError(f'{path}: not a checkpoint of this project (no {key!r})')
     if ckpt['model_name'] not in models.MODELS:
         raise train.CheckpointError(f'{path}: unknown model {ckpt["model_name"]!r}')
-    model = models.build_model(ckpt['model_name'], weights='none')
+    model = models.build_model(ckpt['model_name'], weights='none', bins=ckpt.get('bins', 0))
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors

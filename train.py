@@ -37,7 +37,27 @@ import dataset
 import demo_data
 import models
 
-LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss}
+AGE_BINS = 101  # DEX: one class for each age 0..100
+DEX_SIGMA = 3.0  # years: the width of DEX's Gaussian soft labels (wiki's ages are noisy by a few years)
+
+
+class DEXLoss(nn.Module):
+    """Cross-entropy of the 101 age logits against a Gaussian around the true age (soft labels);
+    the prediction is the softmax's expected value (models.AgeRegressor.ages). Targets come in
+    standardised, like those of the regression losses."""
+
+    def __init__(self, y_mean, y_std, sigma=DEX_SIGMA):
+        super().__init__()
+        self.y_mean, self.y_std, self.sigma = y_mean, y_std, sigma
+
+    def forward(self, logits, y):
+        age = y * self.y_std + self.y_mean
+        bins = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+        soft = torch.softmax(-(bins - age[:, None]) ** 2 / (2 * self.sigma ** 2), dim=1)
+        return -(soft * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss, 'dex': DEXLoss}
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 DEMO_DIR = os.path.join('data', 'demo')
 
@@ -51,11 +71,22 @@ def add_train_options(parser):
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
     parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
                                           '(default: imagenet for resnet50, none for cnn)')
-    parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES), help='training loss')
+    parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES),
+                        help='training loss; dex: 101 age classes, soft labels, the expected age as prediction')
     parser.add_argument('--epochs', type=int, default=30, help='passes over the training rows')
     parser.add_argument('--batch-size', type=int, default=128, help='images per step, over all GPUs')
-    parser.add_argument('--lr', type=float, default=1e-3, help='peak AdamW learning rate (warm-up, cosine decay)')
-    parser.add_argument('--weight-decay', type=float, default=1e-4, help='AdamW weight decay')
+    parser.add_argument('--lr', type=float, default=1e-3,
+                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of all layers from scratch')
+    parser.add_argument('--backbone-lr', type=float,
+                        help='peak learning rate of a pretrained backbone (default: lr/10 with --weights imagenet '
+                             'or FILE, else lr)')
+    parser.add_argument('--weight-decay', type=float, default=1e-4,
+                        help='AdamW weight decay of conv and linear weights (norm layers and biases get none)')
+    parser.add_argument('--ema', type=float, default=0.0,
+                        help='decay of an exponential moving average of the weights, which is then what is '
+                             'validated and saved in best.pt (0: off)')
+    parser.add_argument('--no-tta', action='store_true',
+                        help='validate without averaging each face with its mirror image (predict.py has its own)')
     parser.add_argument('--size', type=int, default=100, help='model input size in pixels (images are 100x100)')
     parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
     parser.add_argument('--balance-gender', action='store_true',
@@ -64,7 +95,9 @@ def add_train_options(parser):
                         help='also drop training rows below this face score (validation keeps them)')
     parser.add_argument('--train-max-age', type=float, help='also drop training rows older than this')
     parser.add_argument('--train-min-age', type=float, help='also drop training rows younger than this')
-    parser.add_argument('--patience', type=int, default=6, help='stop after this many epochs without a better val RMSE')
+    parser.add_argument('--patience', type=int, default=0,
+                        help='stop after this many epochs without a better val RMSE; 0: never (with a cosine '
+                             'decay the best epochs are the last, so the default runs the schedule to its end)')
     parser.add_argument('--limit', type=int, help='use only N randomly chosen rows (smoke tests)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the split, the initial weights and the draws')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to train')
@@ -80,7 +113,7 @@ def demo_presets(model, runs=1):
     """What --demo sets, for every option the command line leaves out. Sized for a 2-core laptop
     CPU: one train.py run learns the drawn age cues in about two minutes, and cv.py's `runs`
     (combinations x folds) runs share about four minutes."""
-    presets = dict(data=DEMO_DIR, model=model, weights='none', batch_size=32, lr=2e-3, patience=10,
+    presets = dict(data=DEMO_DIR, model=model, weights='none', batch_size=32, lr=2e-3,
                    size={'cnn': 64, 'resnet50': 32}[model],  # ResNet-50 trains ~60 images/s on 2 cores at 32 px
                    epochs=25, time_limit=2.5)
     if runs > 1:
@@ -90,12 +123,16 @@ def demo_presets(model, runs=1):
 
 def check_args(parser, args):
     """Impossible values are argparse errors (exit code 2), before anything is loaded."""
-    positive = ['epochs', 'batch_size', 'lr', 'size', 'patience', 'log_every']
+    positive = ['epochs', 'batch_size', 'lr', 'backbone_lr', 'size', 'log_every']
     for name in positive:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if args.weight_decay < 0:
         parser.error(f'--weight-decay must be >= 0, got {args.weight_decay}')
+    if args.patience < 0:
+        parser.error(f'--patience must be >= 0, got {args.patience}')
+    if not 0 <= args.ema < 1:
+        parser.error(f'--ema must be in [0, 1), got {args.ema}')
     if args.size < models.MIN_SIZE[args.model]:
         parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
     if args.limit is not None and args.limit < 4:
@@ -388,9 +425,12 @@ def collapse_warning(age, pred):
 
 # ----------------------------------------------------------------------------- the parts of training
 
-def lr_factor(step, total_steps, warmup_steps):
+def lr_factor(step, total_steps, warmup_steps, time_fraction=0.0):
     """The learning rate at `step` (from 0) as a fraction of the peak: a linear warm-up over
-    warmup_steps, then a cosine decay that reaches zero at total_steps."""
+    warmup_steps, then a cosine decay that reaches zero at total_steps. Under --time-limit the run
+    is as far along as the larger of its step and its time fraction, so a run that fits fewer
+    steps than total_steps still finishes its warm-up and decay at the limit."""
+    step = min(max(step, time_fraction * total_steps), total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
@@ -405,7 +445,8 @@ def build_model(args, y_mean, y_std, device, world=1):
     """(raw_model, model): the plain model, which is saved and evaluated, and the one the training
     steps call, wrapped for DDP and torch.compile when asked."""
     torch.manual_seed(args.seed)  # the initial weights, and later dropout, draw from the global generator
-    raw_model = models.build_model(args.model, args.weights, y_mean, max(y_std, 1e-3)).to(device)
+    raw_model = models.build_model(args.model, args.weights, y_mean, max(y_std, 1e-3),
+                                   bins=AGE_BINS if args.loss == 'dex' else 0).to(device)
     if device.type == 'cuda':
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
@@ -416,12 +457,34 @@ def build_model(args, y_mean, y_std, device, world=1):
     return raw_model, model
 
 
+def backbone_lr(args):
+    """A pretrained backbone learns 10x slower than the new head (fine-tuning, as the CVPR 2024
+    age benchmark does: 1e-4 against 1e-3 from scratch); from scratch all layers share --lr."""
+    if args.backbone_lr:
+        return args.backbone_lr
+    return args.lr / 10 if args.weights not in (None, 'none') else args.lr
+
+
 def build_optimizer(model, args, device):
-    """AdamW (its fused kernel on CUDA) and the loss scaler, which only fp16 needs."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == 'cuda')
+    """AdamW (its fused kernel on CUDA) and the loss scaler, which only fp16 needs. Four parameter
+    groups: the head and the backbone, each split into conv/linear weights, which decay, and
+    norm-layer weights and biases, which do not (decaying those only shrinks what normalisation
+    sets, as nanoGPT's optimizer set-up notes)."""
+    head = {id(p) for m in model.modules() if isinstance(m, models.FP32Linear) for p in m.parameters()}
+    grouped = {}
+    for p in model.parameters():
+        grouped.setdefault((id(p) in head, p.dim() >= 2), []).append(p)
+    groups = [{'params': params, 'lr': args.lr if is_head else backbone_lr(args), 'initial_lr':
+               args.lr if is_head else backbone_lr(args), 'weight_decay': args.weight_decay if decays else 0.0}
+              for (is_head, decays), params in grouped.items()]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda' and not torch.cuda.is_bf16_supported())
     return optimizer, scaler
+
+
+def set_lr(optimizer, factor):
+    for group in optimizer.param_groups:
+        group['lr'] = group['initial_lr'] * factor
 
 
 def train_step(model, optimizer, scaler, criterion, x, y):
@@ -443,7 +506,7 @@ class Run:
     raw_model: nn.Module             # saved, evaluated and restored
     model: nn.Module                 # what the training steps call (DDP or compiled, else raw_model)
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: torch.optim.swa_utils.AveragedModel  # the averaged weights (--ema), else None
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     aug: torch.Generator             # augmentation draws; None with --no-augment
@@ -458,6 +521,8 @@ class Run:
     channels: int
     per_rank: int                    # images per step in each process
     steps_per_epoch: int
+    total_steps: int                 # epochs x steps_per_epoch: where the learning rate reaches zero
+    warmup: int
     out_dir: str
     device: torch.device
     rank: int
@@ -478,16 +543,24 @@ def build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, 
     y_mean, y_std = float(y_train.mean()), float(y_train.std()) if len(train_rows) > 1 else 1.0
     raw_model, model = build_model(args, y_mean, y_std, device, world)
     optimizer, scaler = build_optimizer(raw_model, args, device)
+    ema = None
+    if args.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            raw_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
     per_rank = max(1, args.batch_size // world)
     steps_per_epoch = max(1, len(train_rows) // world // per_rank)
     total = args.epochs * steps_per_epoch
-    warmup = warmup_steps(total, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     weights = sample_weights(table['gender'].to_numpy()[train_rows.numpy()]) if args.balance_gender else None
-    return Run(args, raw_model, model, optimizer, scheduler, scaler, LOSSES[args.loss](),
+    criterion = DEXLoss(y_mean, y_std) if args.loss == 'dex' else LOSSES[args.loss]()
+    return Run(args, raw_model, model, optimizer, ema, scaler, criterion,
                None if args.no_augment else torch.Generator(device=device), images, ages, table, train_rows,
                np.asarray(val_rows), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
-               steps_per_epoch, out_dir, device, rank, world, log)
+               steps_per_epoch, total, warmup_steps(total, steps_per_epoch), out_dir, device, rank, world, log)
+
+
+def evaluated_model(run):
+    """The model that is validated and saved in best.pt: the moving average with --ema."""
+    return run.ema.module if run.ema is not None else run.raw_model
 
 
 def agree(run, flag):
@@ -534,8 +607,11 @@ def train_epoch(run, epoch, start, deadline):
         x = model_input(run.images.index_select(0, idx).to(run.device, non_blocking=True), args.size, run.channels,
                         run.device, generator=run.aug)
         y = (run.ages[idx.to(run.ages.device)].to(run.device, non_blocking=True) - run.y_mean) / run.y_std
+        time_fraction = (time.time() - start) / (deadline - start) if deadline else 0.0
+        set_lr(run.optimizer, lr_factor(epoch * run.steps_per_epoch + step, run.total_steps, run.warmup, time_fraction))
         loss_sum += train_step(run.model, run.optimizer, run.scaler, run.criterion, x, y)
-        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.raw_model)
         done = step + 1
         log_step = done % args.log_every == 0 or done == run.steps_per_epoch
         if log_step:
@@ -545,7 +621,7 @@ def train_epoch(run, epoch, start, deadline):
             left = ((args.epochs - epoch) * run.steps_per_epoch - done) * run.per_rank * run.world / max(speed, 1e-9)
             run.log(f'epoch {epoch + 1}/{args.epochs} step {done}/{run.steps_per_epoch} '
                     f'loss {(state["loss_sum"] + total) / (state["loss_count"] + done - first):.4f} '
-                    f'lr {run.scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s elapsed {fmt_time(now - start)} '
+                    f'lr {run.optimizer.param_groups[0]["lr"]:.2e} {speed:.0f} img/s elapsed {fmt_time(now - start)} '
                     f'left ~{fmt_time(min(left, deadline - now) if deadline else left)}')
             tick, checked = now, done
         if run.world == 1 or log_step:  # with several processes, agree on stopping at log steps only
@@ -570,8 +646,8 @@ def evaluate(run):
     best.pt) and sends the metrics to the others, so every process makes the same decisions."""
     metrics, pred = None, None
     if run.rank == 0:
-        pred = predict(run.raw_model, run.images, run.val_rows, run.args.size, run.channels, 2 * run.per_rank,
-                       run.device)
+        pred = predict(evaluated_model(run), run.images, run.val_rows, run.args.size, run.channels,
+                       2 * run.per_rank, run.device, tta=not run.args.no_tta)
         y = torch.as_tensor(run.table['age'].to_numpy()[run.val_rows])
         metrics = metrics_from_sums(metric_sums(pred, y))
     if run.world > 1:
@@ -589,11 +665,14 @@ def evaluate(run):
 def checkpoint(run, kind):
     """best.pt: the model and what predict.py needs to rebuild it. last.pt: also everything that
     --resume needs to continue exactly (optimizer, schedule, counters, random generators)."""
-    ckpt = {'model': run.raw_model.state_dict(), 'model_name': run.args.model, 'size': run.args.size,
-            'channels': run.channels, 'args': vars(run.args), 'y_mean': run.y_mean, 'y_std': run.y_std}
+    ckpt = {'model_name': run.args.model, 'size': run.args.size, 'channels': run.channels,
+            'bins': AGE_BINS if run.args.loss == 'dex' else 0, 'args': vars(run.args), 'y_mean': run.y_mean,
+            'y_std': run.y_std}
     if kind == 'best':
-        return {**ckpt, 'epoch': run.state['best_epoch'], 'val_rmse': run.state['best_val_rmse']}
-    return {**ckpt, 'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
+        return {**ckpt, 'model': evaluated_model(run).state_dict(), 'epoch': run.state['best_epoch'],
+                'val_rmse': run.state['best_val_rmse']}
+    return {**ckpt, 'model': run.raw_model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+            'ema': run.ema.state_dict() if run.ema is not None else None,
             'scaler': run.scaler.state_dict(), 'state': dict(run.state),
             'device_type': run.device.type, 'torch_rng': torch.get_rng_state(),
             'aug_rng': run.aug.get_state() if run.aug is not None else None,
@@ -622,7 +701,8 @@ def restore(run, resume):
     kind of device (a CUDA one is 16 bytes, a CPU one 5,056), so then the draws are seeded afresh."""
     run.raw_model.load_state_dict(resume['model'])
     run.optimizer.load_state_dict(resume['optimizer'])
-    run.scheduler.load_state_dict(resume['scheduler'])
+    if run.ema is not None:
+        run.ema.load_state_dict(resume['ema'])
     if resume['scaler']:  # empty when saved by a disabled scaler (CPU, bf16)
         run.scaler.load_state_dict(resume['scaler'])
     run.state.update(resume['state'])
@@ -688,7 +768,9 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
     deadline = start + args.time_limit * 60 if args.time_limit else None
     log(f'training {args.model} on {len(train_rows)} images, validating on {len(val_rows)} '
         f'({run.steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {run.per_rank * world}, device {device}'
-        f'{f", {world} processes" if world > 1 else ""})')
+        f'{f", {world} processes" if world > 1 else ""}); peak learning rate {args.lr:g}'
+        f'{f" (head), {backbone_lr(args):g} (pretrained backbone)" if backbone_lr(args) != args.lr else ""}, '
+        f'loss {args.loss}{f", EMA {args.ema:g}" if args.ema else ""}, validation TTA {"off" if args.no_tta else "on"}')
     stopped = 'completed'
     with Stop.catching():
         while state['epoch'] < args.epochs and stopped == 'completed':
@@ -700,14 +782,17 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                     log(f'saved {os.path.join(out_dir, "last.pt")} at epoch {epoch + 1} step {state["step"]}; '
                         f'continue with: python train.py --resume {out_dir}')
                 raise SystemExit(128 + (Stop.signal or signal.SIGINT))  # another process may have had it
-            metrics, _ = evaluate(run)
-            improved = metrics['rmse'] < state['best_val_rmse']
+            if len(run.val_rows):
+                metrics, _ = evaluate(run)
+                improved = metrics['rmse'] < state['best_val_rmse']
+            else:  # --val-frac 0: nothing to choose by, so the latest model is the one kept
+                metrics, improved = {'rmse': math.nan, 'mae': math.nan, 'r2': math.nan}, True
             if stopped == 'completed':
                 state['epoch'] += 1
             state['step'] = 0
             state['history'].append({'epoch': epoch + 1, 'train_loss': train_loss, 'val_rmse': metrics['rmse'],
                                      'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
-                                     'lr': run.scheduler.get_last_lr()[0], 'img_per_s': img_per_s,
+                                     'lr': run.optimizer.param_groups[0]['lr'], 'img_per_s': img_per_s,
                                      'seconds': time.time() - start})
             if improved:
                 state.update(best_val_rmse=metrics['rmse'], best_epoch=epoch + 1, bad_epochs=0)
@@ -720,7 +805,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                 dataset.write_csv(pd.DataFrame(state['history']), os.path.join(out_dir, 'history.csv'))
                 if stopped == 'completed' and state['epoch'] < args.epochs:
                     save(os.path.join(out_dir, 'last.pt'), checkpoint(run, 'last'))
-            if stopped == 'completed' and state['bad_epochs'] >= args.patience:
+            if stopped == 'completed' and args.patience and state['bad_epochs'] >= args.patience:
                 stopped = 'early_stop'
                 log(f'early stop: no better val RMSE for {args.patience} epochs')
     if stopped == 'time_limit':
@@ -743,8 +828,18 @@ def finish(run, stopped, start):
     per age decade), val_predictions.csv, predictions.png, error_by_decade.png. last.pt goes: the
     run is complete."""
     state, out_dir = run.state, run.out_dir
+    if not len(run.val_rows):  # --val-frac 0
+        result = {'val_rmse': None, 'best_epoch': state['best_epoch'], 'epochs_run': len(state['history']),
+                  'stopped': stopped, 'train_img_per_s': state['train_images'] / max(state['train_seconds'], 1e-9),
+                  'seconds': time.time() - start, 'n_train': len(run.train_rows), 'n_val': 0,
+                  'device': str(run.device), 'world_size': run.world, 'model': run.args.model, 'size': run.args.size}
+        if run.rank == 0:
+            dataset.write_json(result, os.path.join(out_dir, 'metrics.json'))
+            if os.path.exists(os.path.join(out_dir, 'last.pt')):
+                os.remove(os.path.join(out_dir, 'last.pt'))
+        return result
     if run.rank == 0:
-        run.raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model'])
+        evaluated_model(run).load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model'])
     metrics, pred = evaluate(run)
     result = {'val_rmse': metrics['rmse'], 'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
               'best_epoch': state['best_epoch'], 'epochs_run': len(state['history']), 'stopped': stopped,
@@ -775,14 +870,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
     add_train_options(parser)
     parser.add_argument('--val-frac', type=float, default=0.2,
-                        help='validation share, grouped by person (1/round(1/val_frac) of the people)')
+                        help='validation share, grouped by person (1/round(1/val_frac) of the people); 0: train '
+                             'the final model on every row for --epochs, with no validation')
     parser.add_argument('--out-dir', help='run directory (default: runs/MODEL-LOSS-DATE-TIME, or runs/demo-DATE-TIME)')
     parser.add_argument('--resume', metavar='RUN_DIR',
                         help='continue the run saved in RUN_DIR/last.pt with its saved options '
                              '(only --device, --time-limit and --log-every may change)')
     args = parse_args(parser, argv)
-    if not 0 < args.val_frac <= 0.5:
-        parser.error(f'--val-frac must be in (0, 0.5], got {args.val_frac}')
+    if not 0 <= args.val_frac <= 0.5:
+        parser.error(f'--val-frac must be in [0, 0.5], got {args.val_frac}')
     if args.resume:
         last = os.path.join(args.resume, 'last.pt')
         if not os.path.exists(last):
@@ -816,10 +912,14 @@ def main(argv=None):
                 torch.backends.cudnn.benchmark = True
             os.makedirs(args.out_dir, exist_ok=True)
             table, images = load_table_once(args, rank, world, log)
-            folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
+            if args.val_frac:
+                folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)),
+                                             args.seed)
+            else:  # the final model: every row trains, nothing validates
+                folds = np.ones(len(table), dtype=np.int64)
             val_rows = np.flatnonzero(folds == 0)
             train_rows = training_rows(table, np.flatnonzero(folds != 0), args)
-            if len(train_rows) < 2 or len(val_rows) < 1:
+            if len(train_rows) < 2 or (args.val_frac and len(val_rows) < 1):
                 raise dataset.DataError(f'too few rows to split ({len(table)} rows, '
                                         f'{table["person"].nunique()} people)')
             images = prepare_images(images, device, log)
@@ -837,6 +937,10 @@ def main(argv=None):
     except OSError as e:  # the run directory cannot be written, a disk full, ...
         error(f'{e.filename or args.out_dir}: {e.strerror or e}')
         return 1
+    if result['val_rmse'] is None:
+        log(f'done: trained on all {result["n_train"]} rows for {result["epochs_run"]} epochs, no validation '
+            f'({result["train_img_per_s"]:.0f} img/s, {fmt_time(result["seconds"])}); run saved in {args.out_dir}')
+        return 0
     log(f'done: val RMSE {result["val_rmse"]:.3f}  MAE {result["val_mae"]:.3f}  R^2 {result["val_r2"]:.3f} '
         f'(best epoch {result["best_epoch"]}, {result["train_img_per_s"]:.0f} img/s, '
         f'{fmt_time(result["seconds"])}); run saved in {args.out_dir}')
