@@ -97,15 +97,17 @@ def command_line(script, args):
 
 
 def summarize(results):
-    """One row per combination: mean and sample standard deviation (ddof=1) over folds, best first.
-    A combination that diverged on any fold gets no mean (NaN) and sorts last."""
-    metrics = ['rmse', 'mae', 'r2']
+    """One row per combination: mean and sample standard deviation (ddof=1) over folds of RMSE, MAE
+    and R^2 on the test-like rows (and of RMSE on the old clean rows), best first. A combination
+    that diverged on any fold gets no mean (NaN) and sorts last."""
+    metrics = ['rmse', 'mae', 'r2'] + (['rmse_clean'] if 'rmse_clean' in results else [])
     grouped = results.groupby('combination', sort=False)
     summary = grouped[metrics].agg(['mean', 'std'])
     summary.columns = [f'{m}_{s}' for m, s in summary.columns]
+    scores = list(summary.columns)
     summary['folds'] = grouped.size()
     summary['diverged'] = grouped['rmse'].apply(lambda r: int(r.isna().sum()))
-    summary.loc[summary['diverged'] > 0, list(summary.columns[:6])] = np.nan
+    summary.loc[summary['diverged'] > 0, scores] = np.nan
     summary['seconds'] = grouped['seconds'].sum()
     return summary.sort_values('rmse_mean').reset_index()
 
@@ -196,7 +198,7 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         shutil.rmtree(out)  # died before its first checkpoint: start it again
     os.makedirs(out, exist_ok=True)
     cell_args = argparse.Namespace(**{**vars(args), **combo})
-    val_rows = np.flatnonzero(folds == k)
+    val_rows = train.validation_rows(table, folds, k)
     train_rows = train.training_rows(table, np.flatnonzero(folds != k), cell_args)
     log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
     if len(train_rows) < 2:
@@ -206,7 +208,8 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         result.pop('val_pred')
     except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
         log(f'{tag} {combo_name(combo)} fold {k}: {e}')
-        result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'best_epoch': -1,
+        result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'val_rmse_clean': math.nan,
+                  'best_epoch': -1,
                   'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
@@ -226,6 +229,7 @@ def report(args, combos, log):
                 r = json.load(f)
             rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'], 'fold': k,
                          'rmse': r['val_rmse'], 'mae': r['val_mae'], 'r2': r['val_r2'],
+                         'rmse_clean': r.get('val_rmse_clean', math.nan),
                          'best_epoch': r['best_epoch'], 'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
     results = pd.DataFrame(rows)
     dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))

@@ -91,8 +91,11 @@ def add_train_options(parser):
     parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
     parser.add_argument('--balance-gender', action='store_true',
                         help='oversample the rarer gender in the TRAINING part (never in validation)')
-    parser.add_argument('--train-min-face-score', type=float,
-                        help='also drop training rows below this face score (validation keeps them)')
+    parser.add_argument('--train-min-face-score', type=float, default=1.0,
+                        help='train only on rows with at least this face score (#NAME?, no face, is -inf); '
+                             'validation keeps every row where a face was found, as the test set does')
+    parser.add_argument('--train-keep-second-face', action='store_true',
+                        help='also train on rows where a second face was detected (validation always keeps them)')
     parser.add_argument('--train-max-age', type=float, help='also drop training rows older than this')
     parser.add_argument('--train-min-age', type=float, help='also drop training rows younger than this')
     parser.add_argument('--patience', type=int, default=0,
@@ -273,15 +276,21 @@ def prepare_images(images, device, log=print):
 
 
 def training_rows(table, rows, args):
-    """The training part, optionally filtered harder than the clean CSV (validation never is)."""
+    """The training part of a split, filtered by the --train-* options (validation never is)."""
     rules = clean_data.metadata_rules(
-        table.iloc[rows], min_face_score=args.train_min_face_score, keep_second_face=True,
+        table.iloc[rows], min_face_score=args.train_min_face_score, drop_second_face=not args.train_keep_second_face,
         min_age=-math.inf if args.train_min_age is None else args.train_min_age,
         max_age=math.inf if args.train_max_age is None else args.train_max_age)
     bad = np.zeros(len(rows), dtype=bool)
     for mask in rules.values():
         bad |= mask
     return rows[~bad]
+
+
+def validation_rows(table, folds, k):
+    """Fold k's test-like rows (a face found): what validation scores. Rows without a face are in
+    no validation set, as the test set has almost none."""
+    return np.flatnonzero((folds == k) & clean_data.test_like(table))
 
 
 def sample_weights(gender):
@@ -515,6 +524,7 @@ class Run:
     table: pd.DataFrame
     train_rows: torch.Tensor
     val_rows: np.ndarray
+    val_clean: np.ndarray            # which validation rows the old cleaning kept: scored apart too
     weights: torch.Tensor            # --balance-gender draw weights, else None
     y_mean: float
     y_std: float
@@ -554,7 +564,7 @@ def build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, 
     criterion = DEXLoss(y_mean, y_std) if args.loss == 'dex' else LOSSES[args.loss]()
     return Run(args, raw_model, model, optimizer, ema, scaler, criterion,
                None if args.no_augment else torch.Generator(device=device), images, ages, table, train_rows,
-               np.asarray(val_rows), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
+               np.asarray(val_rows), clean_data.clean_only(table.iloc[np.asarray(val_rows, dtype=np.int64)]), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
                steps_per_epoch, total, warmup_steps(total, steps_per_epoch), out_dir, device, rank, world, log)
 
 
@@ -650,6 +660,8 @@ def evaluate(run):
                        2 * run.per_rank, run.device, tta=not run.args.no_tta)
         y = torch.as_tensor(run.table['age'].to_numpy()[run.val_rows])
         metrics = metrics_from_sums(metric_sums(pred, y))
+        clean = torch.as_tensor(run.val_clean)
+        metrics['rmse_clean'] = metrics_from_sums(metric_sums(pred[clean], y[clean]))['rmse'] if clean.any() else math.nan
     if run.world > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -786,12 +798,13 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                 metrics, _ = evaluate(run)
                 improved = metrics['rmse'] < state['best_val_rmse']
             else:  # --val-frac 0: nothing to choose by, so the latest model is the one kept
-                metrics, improved = {'rmse': math.nan, 'mae': math.nan, 'r2': math.nan}, True
+                metrics, improved = {'rmse': math.nan, 'mae': math.nan, 'r2': math.nan, 'rmse_clean': math.nan}, True
             if stopped == 'completed':
                 state['epoch'] += 1
             state['step'] = 0
             state['history'].append({'epoch': epoch + 1, 'train_loss': train_loss, 'val_rmse': metrics['rmse'],
                                      'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
+                                     'val_rmse_clean': metrics.get('rmse_clean', math.nan),
                                      'lr': run.optimizer.param_groups[0]['lr'], 'img_per_s': img_per_s,
                                      'seconds': time.time() - start})
             if improved:
@@ -819,7 +832,8 @@ def log_epoch(run, epoch, improved, epochs_before, deadline):
     if deadline:
         left = min(left, deadline - time.time())
     run.log(f'epoch {epoch + 1}/{run.args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {row["val_rmse"]:.3f} '
-            f'val_mae {row["val_mae"]:.3f} val_r2 {row["val_r2"]:.3f} {row["img_per_s"]:.0f} img/s '
+            f'val_mae {row["val_mae"]:.3f} val_r2 {row["val_r2"]:.3f} (clean rows {row["val_rmse_clean"]:.3f}) '
+            f'{row["img_per_s"]:.0f} img/s '
             f'elapsed {fmt_time(row["seconds"])} left ~{fmt_time(left)}{"  *best" if improved else ""}')
 
 
@@ -842,6 +856,7 @@ def finish(run, stopped, start):
         evaluated_model(run).load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model'])
     metrics, pred = evaluate(run)
     result = {'val_rmse': metrics['rmse'], 'val_mae': metrics['mae'], 'val_r2': metrics['r2'],
+              'val_rmse_clean': metrics['rmse_clean'], 'n_val_clean': int(run.val_clean.sum()),
               'best_epoch': state['best_epoch'], 'epochs_run': len(state['history']), 'stopped': stopped,
               'train_img_per_s': state['train_images'] / max(state['train_seconds'], 1e-9),
               'seconds': time.time() - start, 'n_train': len(run.train_rows), 'n_val': len(run.val_rows),
@@ -917,7 +932,7 @@ def main(argv=None):
                                              args.seed)
             else:  # the final model: every row trains, nothing validates
                 folds = np.ones(len(table), dtype=np.int64)
-            val_rows = np.flatnonzero(folds == 0)
+            val_rows = validation_rows(table, folds, 0)
             train_rows = training_rows(table, np.flatnonzero(folds != 0), args)
             if len(train_rows) < 2 or (args.val_frac and len(val_rows) < 1):
                 raise dataset.DataError(f'too few rows to split ({len(table)} rows, '
@@ -942,7 +957,8 @@ def main(argv=None):
             f'({result["train_img_per_s"]:.0f} img/s, {fmt_time(result["seconds"])}); run saved in {args.out_dir}')
         return 0
     log(f'done: val RMSE {result["val_rmse"]:.3f}  MAE {result["val_mae"]:.3f}  R^2 {result["val_r2"]:.3f} '
-        f'(best epoch {result["best_epoch"]}, {result["train_img_per_s"]:.0f} img/s, '
+        f'on {result["n_val"]} test-like rows; RMSE {result["val_rmse_clean"]:.3f} on the {result["n_val_clean"]} '
+        f'clean ones (best epoch {result["best_epoch"]}, {result["train_img_per_s"]:.0f} img/s, '
         f'{fmt_time(result["seconds"])}); run saved in {args.out_dir}')
     return 0
 

@@ -73,7 +73,8 @@ def test_cv_writes_folds_results_summary_and_oof(cv_run, tiny_data):
     summary = pd.read_csv(os.path.join(out, 'summary.csv'))
     assert len(summary) == 2 and summary['rmse_mean'].is_monotonic_increasing
     oof = pd.read_csv(os.path.join(out, 'oof_predictions.csv'))
-    assert sorted(oof['ID']) == sorted(clean['ID'])  # every row predicted once, by the fold that held it out
+    test_like = clean[np.isfinite(clean['face_score'])]['ID']
+    assert sorted(oof['ID']) == sorted(test_like)  # every test-like row predicted once, by the fold that held it out
     assert (oof.set_index('ID')['fold'] == folds.set_index('ID')['fold'].loc[oof['ID']].to_numpy()).all()
     best = summary['combination'][0]
     best_rows = results[results['combination'] == best]
@@ -170,13 +171,15 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
                     '--balance-gender', '--train-max-age', '25']) == 0
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
     oof = pd.read_csv(os.path.join(out, 'oof_predictions.csv'))
-    assert sorted(oof['ID']) == sorted(clean['ID'])  # rows over 25 are still scored
+    test_like = clean[np.isfinite(clean['face_score'])]
+    assert sorted(oof['ID']) == sorted(test_like['ID'])  # rows over 25 are still scored
     for k in (0, 1):
         with open(os.path.join(out, 'cells', 'base', f'fold{k}', 'result.json')) as f:
             r = json.load(f)
         fold_rows = pd.read_csv(os.path.join(out, 'folds.csv')).query('fold != @k')['ID']
-        ages = clean.set_index('ID').loc[fold_rows, 'age']
-        assert r['n_train'] == int((ages <= 25).sum())
+        rows = clean.set_index('ID').loc[fold_rows]
+        trainable = (rows['face_score'] >= 1) & rows['second_face_score'].isna()  # the default training filters
+        assert r['n_train'] == int((trainable & (rows['age'] <= 25)).sum())
 
 
 def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monkeypatch):

@@ -259,7 +259,7 @@ def test_clean_data_each_rule(tmp_path, capsys, monkeypatch, flat):
     root = tmp_path / 'wiki'
     rel, image_dir = make_kaggle_folder(str(root), flat=flat)
     out = tmp_path / 'out' / 'clean.csv'
-    assert clean_data.main(['--data', str(root), '--out', str(out)]) == 0
+    assert clean_data.main(['--data', str(root), '--out', str(out), '--min-face-score', '1', '--drop-second-face']) == 0
     printed = capsys.readouterr().out
 
     clean = dataset.read_clean(str(out))
@@ -287,6 +287,26 @@ def test_clean_data_each_rule(tmp_path, capsys, monkeypatch, flat):
     assert images.shape == (3, 100, 100) and images.dtype == np.uint8 and ok.all()
     np.testing.assert_array_equal(images[0], face(2))
     np.testing.assert_array_equal(images[1], face(3))
+
+
+def test_clean_data_by_default_removes_only_the_unusable(tmp_path, capsys):
+    """Face score and second faces are training choices: the clean CSV keeps them by default."""
+    root = tmp_path / 'wiki'
+    make_kaggle_folder(str(root))
+    out = tmp_path / 'clean.csv'
+    assert clean_data.main(['--data', str(root), '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert list(report_table(printed)) == ['rows in wiki_labels.csv', 'image missing or does not decode',
+                                           'age outside 1..100']
+    clean = dataset.read_clean(str(out))
+    assert {2002, 2003, 2004} < set(clean['ID'])  # the strict cleaning's rows, and more
+    assert (~np.isfinite(clean['face_score']) | (clean['face_score'] < 1) | clean['second_face_score'].notna()).any()
+    assert clean['age'].between(1, 100).all()
+    like, old = clean_data.test_like(clean), clean_data.clean_only(clean)
+    assert np.isfinite(clean['face_score'][like]).all() and not np.isfinite(clean['face_score'][~like]).any()
+    assert (old <= like).all() and old.sum() == 3
+    assert f'test-like rows (a face found, which validation scores): {like.sum()}; of those with face score >= 1 ' \
+           f'and no second face (the old cleaning): 3' in printed
 
 
 def test_clean_data_no_image_folder(tmp_path, capsys):
@@ -319,7 +339,8 @@ def test_metadata_rules_flag_exactly_their_rows():
         (3.0, nan, 791.79),  # 10 nonsense birth date
         (3.0, nan, nan),    # 11 no age
     ])
-    rules = clean_data.metadata_rules(t)
+    assert list(clean_data.metadata_rules(t)) == ['age outside 1..100']  # the default: only the unusable
+    rules = clean_data.metadata_rules(t, min_face_score=1.0, drop_second_face=True)
     assert list(rules) == ['face_score not a number or < 1', 'second face detected', 'age outside 1..100']
     flagged = {rule: np.flatnonzero(mask).tolist() for rule, mask in rules.items()}
     assert flagged['face_score not a number or < 1'] == [1, 2, 3]
@@ -329,13 +350,13 @@ def test_metadata_rules_flag_exactly_their_rows():
 
 def test_metadata_rules_options():
     t = metadata_table([(4.3, math.nan, 28.0), (2.0, 1.5, 28.0), (0.5, math.nan, 28.0), (3.0, math.nan, 70.0)])
-    rules = clean_data.metadata_rules(t, min_face_score=3.0, keep_second_face=True, min_age=20, max_age=60)
+    rules = clean_data.metadata_rules(t, min_face_score=3.0, min_age=20, max_age=60)
     assert list(rules) == ['face_score not a number or < 3', 'age outside 20..60']
     assert np.flatnonzero(rules['face_score not a number or < 3']).tolist() == [1, 2]
     assert np.flatnonzero(rules['age outside 20..60']).tolist() == [3]
     # train.py passes None / -inf for "no face-score rule"
-    assert list(clean_data.metadata_rules(t, min_face_score=None, keep_second_face=True)) == ['age outside 1..100']
-    assert list(clean_data.metadata_rules(t, min_face_score=-math.inf, keep_second_face=True)) == ['age outside 1..100']
+    assert list(clean_data.metadata_rules(t, min_face_score=None)) == ['age outside 1..100']
+    assert list(clean_data.metadata_rules(t, min_face_score=-math.inf)) == ['age outside 1..100']
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -158,15 +158,15 @@ def test_unreadable_images_in_the_clean_csv_are_skipped_and_counted(tmp_path, ca
     import clean_data
     data = tmp_path / 'data'
     demo_data.make_demo_data(str(data), n=200, n_judge=5, seed=1)
-    assert clean_data.main(['--data', str(data), '--no-image-check', '--min-face-score=-inf',
-                            '--keep-second-face', '--min-age', '0', '--max-age', '1000']) == 0
+    assert clean_data.main(['--data', str(data), '--no-image-check', '--min-age', '0', '--max-age', '1000']) == 0
     capsys.readouterr()
     assert run_train(str(data), tmp_path / 'run', '--epochs', '1') == 0
     out = capsys.readouterr().out
     labels = dataset.read_labels(str(data / 'wiki_labels.csv'))
     bad_ids = [int(labels['ID'][7]), int(labels['ID'][11])]  # the demo's missing and truncated files
     assert f'skipping 2 row(s) whose image cannot be read, IDs {bad_ids}' in out
-    assert read_json(tmp_path / 'run' / 'metrics.json')['n_train'] + read_json(tmp_path / 'run' / 'metrics.json')['n_val'] == 198
+    metrics = read_json(tmp_path / 'run' / 'metrics.json')
+    assert metrics['n_train'] + metrics['n_val'] < 198  # rows without a face neither train nor validate
 
 
 def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys):
@@ -220,6 +220,25 @@ def test_training_only_filters_leave_validation_alone(tiny_data, trained, tmp_pa
     assert filtered['n_val'] == plain['n_val'] and filtered['n_train'] < plain['n_train']
     ids = pd.read_csv(tmp_path / 'run' / 'val_predictions.csv')['ID']
     assert list(ids) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
+
+
+def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_data, trained, tmp_path):
+    """Validation: every row of its fold where a face was found, weak faces and second faces
+    included (as in the Kaggle test set); the old clean rows are scored apart. Training: by
+    default face score >= 1 and no second face; --train-* change that, never validation."""
+    clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv')).set_index('ID')
+    val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
+    rows = clean.loc[val['ID']]
+    assert np.isfinite(rows['face_score']).all()
+    weak_or_second = (rows['face_score'] < 1) | rows['second_face_score'].notna()
+    assert weak_or_second.any()  # harder rows than the old cleaning kept
+    metrics = read_json(os.path.join(trained, 'metrics.json'))
+    assert metrics['n_val'] == len(val) and metrics['n_val_clean'] == int((~weak_or_second).sum())
+    ok = val[~weak_or_second.to_numpy()]
+    assert metrics['val_rmse_clean'] == pytest.approx(np.sqrt(np.mean((ok['prediction'] - ok['age']) ** 2)), rel=1e-4)
+    assert run_train(tiny_data, tmp_path / 'all', '--train-min-face-score=-inf', '--train-keep-second-face') == 0
+    wide = read_json(tmp_path / 'all' / 'metrics.json')
+    assert wide['n_val'] == metrics['n_val'] and wide['n_train'] > metrics['n_train']
 
 
 def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
@@ -360,7 +379,8 @@ def test_val_frac_zero_trains_on_every_row_and_predicts(tiny_data, tmp_path, cap
     assert run_train(tiny_data, out, '--val-frac', '0', '--epochs', '2') == 0
     metrics = read_json(out / 'metrics.json')
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
-    assert metrics['n_train'] == len(clean) and metrics['n_val'] == 0 and metrics['epochs_run'] == 2
+    trainable = (clean['face_score'] >= 1) & clean['second_face_score'].isna()  # the default training filters
+    assert metrics['n_train'] == trainable.sum() and metrics['n_val'] == 0 and metrics['epochs_run'] == 2
     assert 'trained on all' in capsys.readouterr().out
     assert torch.load(out / 'best.pt', weights_only=True)['epoch'] == 2  # the last epoch's model
     sub = tmp_path / 'sub.csv'
