@@ -288,8 +288,8 @@ def training_rows(table, rows, args):
 
 
 def validation_rows(table, folds, k):
-    """Fold k's test-like rows (a face found): what validation scores. Rows without a face are in
-    no validation set, as the test set has almost none."""
+    """Fold k's test-like rows (a face found, a possible age): what validation scores. Rows without
+    a face are in no validation set, as the test set has almost none."""
     return np.flatnonzero((folds == k) & clean_data.test_like(table))
 
 
