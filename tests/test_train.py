@@ -471,6 +471,8 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     train.add_train_options(parser)
     assert train.parse_args(parser, ['--model', 'cnn']).weights == 'none'
     assert train.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
+    assert train.parse_args(parser, ['--model', 'cnn']).size == 64  # input size: per model too
+    assert train.parse_args(parser, ['--model', 'resnet50']).size == 100
     parser = argparse.ArgumentParser()
     train.add_train_options(parser)
     assert train.parse_args(parser, ['--demo', '--size=48']).size == 48
