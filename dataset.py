@@ -285,12 +285,9 @@ def decode_all(paths, workers=None, photo=False):
         if array is not None:
             images[i] = array
 
+    # On Ctrl-C, map's iterator cancels the images still queued: only the few being decoded finish.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        try:
-            list(pool.map(work, range(len(paths))))
-        except BaseException:  # Ctrl-C: drop the queued images, wait only for the few being decoded
-            pool.shutdown(cancel_futures=True)
-            raise
+        list(pool.map(work, range(len(paths))))
     return images, problems
 
 
