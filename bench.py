@@ -171,7 +171,7 @@ def bench_step(args, train_args, images, ages, channels, device):
     y_mean, y_std = float(ages.mean()), float(ages.std())
     model, _ = train.build_model(train_args, y_mean, y_std, device)
     optimizer, scaler = train.build_optimizer(model, train_args, device)
-    criterion = train.LOSSES[train_args.loss]()
+    criterion = train.make_criterion(train_args.loss, y_mean, y_std)
     idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     x = train.model_input(images[idx.to(images.device)].to(device), args.size, channels, device,
                           generator=torch.Generator(device=device).manual_seed(args.seed))

@@ -58,6 +58,11 @@ class DEXLoss(nn.Module):
 
 
 LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss, 'dex': DEXLoss}
+
+
+def make_criterion(name, y_mean, y_std):
+    """The loss `name` on standardised targets; DEX needs the scale to place its age bins."""
+    return LOSSES[name](y_mean, y_std) if name == 'dex' else LOSSES[name]()
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}
 DEMO_DIR = os.path.join('data', 'demo')
@@ -565,7 +570,7 @@ def build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, 
     steps_per_epoch = max(1, len(train_rows) // world // per_rank)
     total = args.epochs * steps_per_epoch
     weights = sample_weights(table['gender'].to_numpy()[train_rows.numpy()]) if args.balance_gender else None
-    criterion = DEXLoss(y_mean, y_std) if args.loss == 'dex' else LOSSES[args.loss]()
+    criterion = make_criterion(args.loss, y_mean, y_std)
     return Run(args, raw_model, model, optimizer, ema, scaler, criterion,
                None if args.no_augment else torch.Generator(device=device), images, ages, table, train_rows,
                np.asarray(val_rows), clean_data.clean_only(table.iloc[np.asarray(val_rows, dtype=np.int64)]), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,

@@ -7,6 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import clean_data  # noqa: E402
+import train  # noqa: E402
 import demo_data  # noqa: E402
 
 
@@ -17,3 +18,13 @@ def tiny_data(tmp_path_factory):
     demo_data.make_demo_data(str(root), n=200, n_judge=20, seed=1)
     assert clean_data.main(['--data', str(root)]) == 0
     return str(root)
+
+
+@pytest.fixture(scope='session')
+def trained(tiny_data, tmp_path_factory):
+    """A tiny cnn trained on tiny_data (2 epochs, 32 px): the run directory. test_train.py has its own."""
+    out = tmp_path_factory.mktemp('run') / 'cnn'
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), '--model', 'cnn', '--weights', 'none',
+                       '--size', '32', '--batch-size', '16', '--epochs', '2', '--device', 'cpu',
+                       '--log-every', '1']) == 0
+    return str(out)

@@ -26,13 +26,6 @@ FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '
         '--device', 'cpu', '--log-every', '1']
 
 
-@pytest.fixture(scope='module')
-def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('run') / 'cnn'
-    assert train.main(['--data', tiny_data, '--out-dir', str(out), *FAST]) == 0
-    return str(out)
-
-
 def one_error_line(err):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err

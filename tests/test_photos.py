@@ -3,7 +3,6 @@ files, folder walks, scoring a labelled folder; the per-decade errors and the co
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -15,17 +14,6 @@ import dataset
 import demo_data
 import predict
 import train
-
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
-        '--device', 'cpu', '--log-every', '100']
-
-
-@pytest.fixture(scope='module')
-def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('run') / 'cnn'
-    assert train.main(['--data', tiny_data, '--out-dir', str(out), *FAST]) == 0
-    return str(out)
-
 
 def face(age=40.0, seed=0):
     return demo_data.draw_face(np.random.default_rng(seed), age, True)
