@@ -153,7 +153,7 @@ def bench_naive(args, paths, ages, channels, device):
     def step():
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == 'cuda':
+        if train.channels_last(device):
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 

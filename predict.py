@@ -61,7 +61,7 @@ def load_model(path, device):
         raise train.CheckpointError(f'{path}: its weights do not fit a {ckpt["model_name"]} '
                                     f'({str(e).splitlines()[-1].strip()[:200]})') from None
     model = model.to(device)
-    if device.type == 'cuda':
+    if train.channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model, ckpt
 

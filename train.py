@@ -323,11 +323,18 @@ def epoch_order(n, weights, seed, epoch):
     return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
+def channels_last(device):
+    """Channels-last memory (NHWC) on CUDA, where cuDNN's fastest convolutions read it, and on the
+    CPU, where oneDNN's do: measured on 2 CPU cores, a training step of the cnn at 64 px ran 1.30x
+    faster (178 -> 232 images/s) and of resnet50 about 1.1x. Left off elsewhere (MPS)."""
+    return device.type in ('cuda', 'cpu')
+
+
 def model_input(x_u8, size, channels, device, generator=None, flip=False):
     """A gathered uint8 batch on `device` -> the model's input: dataset.to_model_input, then
-    channels-last memory on CUDA (what cuDNN's fastest convolutions read)."""
+    channels-last memory where the model uses it."""
     x = dataset.to_model_input(x_u8, size, channels, generator=generator, flip=flip)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(device) else x
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -465,7 +472,7 @@ def build_model(args, y_mean, y_std, device, world=1):
     torch.manual_seed(args.seed)  # the initial weights, and later dropout, draw from the global generator
     raw_model = models.build_model(args.model, args.weights, y_mean, max(y_std, 1e-3),
                                    bins=AGE_BINS if args.loss == 'dex' else 0).to(device)
-    if device.type == 'cuda':
+    if channels_last(device):
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
     if world > 1:
