@@ -169,8 +169,8 @@ def bench_step(args, train_args, images, ages, channels, device):
     """The model alone: train.train_step (forward, loss, backward, AdamW step) on one batch made
     once, with the model and optimizer that train.fit builds."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    model, _ = train.build_model(train_args, y_mean, y_std, device)
-    optimizer, scaler = train.build_optimizer(model, train_args, device)
+    raw_model, model = train.build_model(train_args, y_mean, y_std, device)  # model: compiled with --compile
+    optimizer, scaler = train.build_optimizer(raw_model, train_args, device)
     criterion = train.make_criterion(train_args.loss, y_mean, y_std)
     idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     x = train.model_input(images[idx.to(images.device)].to(device), args.size, channels, device,
@@ -183,10 +183,11 @@ def bench_step(args, train_args, images, ages, channels, device):
 
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
     # backward (the optimizer's elementwise work is not counted, and is a rounding error next to them).
+    # Counted on the plain model: a compiled one runs the same products, out of the counter's sight.
     with FlopCounterMode(display=False) as counter:
-        step()
+        train.train_step(raw_model, optimizer, scaler, criterion, x, y)
     calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
-    return model, calls, seconds, counter.get_total_flops()
+    return raw_model, calls, seconds, counter.get_total_flops()
 
 
 def bench_loop(args, train_args, images, table, device, steps, tmp, log):
@@ -212,7 +213,7 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
 
 def bench_predict(args, model, images, channels, device):
     """train.predict over enough rows (repeated) to fill --seconds, at the batch fit validates with."""
-    batch = 2 * args.batch_size
+    batch = train.eval_batch(args.batch_size, device)
 
     def run(n):
         rows = np.resize(np.arange(len(images)), n)
@@ -271,6 +272,10 @@ def main(argv=None):
     # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4 sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
     parser.add_argument('--peak-tflops', type=float, default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
+    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE',
+                        choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                        help='torch.compile the train step and loop\'s model, as train.py --compile [MODE]')
+    parser.add_argument('--ema', type=float, default=0.0, help='the loop keeps a moving average, as train.py --ema')
     parser.add_argument('--seed', type=int, default=0, help='seed of the faces, batches and weights')
     parser.add_argument('--json', metavar='FILE', help='also write the figures here')
     parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short measurements')
@@ -298,7 +303,7 @@ def main(argv=None):
     train_args = train_parser.parse_args([
         '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size', str(args.batch_size),
         '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
-        '--seed', str(args.seed)])
+        '--seed', str(args.seed), '--ema', str(args.ema)] + (['--compile', args.compile] if args.compile else []))
     channels = models.INPUT_CHANNELS[args.model]
     dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -338,7 +343,8 @@ def main(argv=None):
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
     predict_speed = predict_n / predict_s
     result = {
-        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'device': str(device),
+        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': args.compile,
+        'ema': args.ema, 'device': str(device),
         'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
         'workers': args.workers, 'n_images': len(images), 'data': args.data or 'synthetic',
@@ -351,7 +357,8 @@ def main(argv=None):
     }
 
     print()
-    print(f'{args.model}, size {args.size}, batch {args.batch_size}, {dtype} on {device}: {result["device_name"]}')
+    extras = (f', compile {args.compile}' if args.compile else '') + (f', EMA {args.ema:g}' if args.ema else '')
+    print(f'{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on {device}: {result["device_name"]}')
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads '
           f'(of {os.cpu_count()}), load average {load_before} before, {result["load_after"]} after, '
           f'{len(images)} {"images from " + args.data if args.data else "synthetic faces"}')
@@ -364,7 +371,7 @@ def main(argv=None):
                                  f'{step_tflops:.2f} TFLOP/s'),
         ('train loop', loop_speed, f'{loop_speed / step:.2f}',
          f'train.fit, {loop_steps} steps after a {args.warmup}-step warm-up fit'),
-        ('predict', predict_speed, '', f'train.predict, batch {2 * args.batch_size}, {predict_n} images'),
+        ('predict', predict_speed, '', f'train.predict, batch {train.eval_batch(args.batch_size, device)}, {predict_n} images'),
     ])
     if device.type == 'cuda':
         print(f'MFU {100 * mfu:.1f}% ({step_tflops:.0f} of {args.peak_tflops:g} TFLOP/s, '

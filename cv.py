@@ -99,8 +99,9 @@ def command_line(script, args):
 def summarize(results):
     """One row per combination: mean and sample standard deviation (ddof=1) over folds of RMSE, MAE
     and R^2 on the test-like rows (and of RMSE on the old clean rows), best first. A combination
-    that diverged on any fold gets no mean (NaN) and sorts last."""
-    metrics = ['rmse', 'mae', 'r2'] + (['rmse_clean'] if 'rmse_clean' in results else [])
+    that diverged on any fold gets no mean (NaN) and sorts last. mean_rmse: what predicting the
+    training rows' mean age scores on the same validation rows, the line any model must beat."""
+    metrics = ['rmse', 'mae', 'r2'] + [m for m in ('rmse_clean', 'mean_rmse') if m in results]
     grouped = results.groupby('combination', sort=False)
     summary = grouped[metrics].agg(['mean', 'std'])
     summary.columns = [f'{m}_{s}' for m, s in summary.columns]
@@ -211,6 +212,8 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'val_rmse_clean': math.nan,
                   'best_epoch': -1,
                   'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
+    ages = table['age'].to_numpy(dtype=np.float64)
+    result['mean_rmse'] = float(np.sqrt(np.mean((ages[val_rows] - ages[train_rows].mean()) ** 2)))
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 
@@ -229,7 +232,7 @@ def report(args, combos, log):
                 r = json.load(f)
             rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'], 'fold': k,
                          'rmse': r['val_rmse'], 'mae': r['val_mae'], 'r2': r['val_r2'],
-                         'rmse_clean': r.get('val_rmse_clean', math.nan),
+                         'rmse_clean': r.get('val_rmse_clean', math.nan), 'mean_rmse': r.get('mean_rmse', math.nan),
                          'best_epoch': r['best_epoch'], 'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
     results = pd.DataFrame(rows)
     dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))
