@@ -84,8 +84,8 @@ def add_train_options(parser):
     parser.add_argument('--loss', default='smoothl1', choices=sorted(LOSSES),
                         help='training loss; dex: 101 age classes, soft labels, the expected age as prediction')
     parser.add_argument('--epochs', type=int, default=30, help='passes over the training rows')
-    parser.add_argument('--batch-size', type=int, help='images per step, over all GPUs (default: 128 on a GPU, '
-                        f'{CPU_BATCH} on the CPU)')
+    parser.add_argument('--batch-size', type=int, help=f'images per step, over all GPUs (default: {GPU_BATCH} on a '
+                        f'GPU, {CPU_BATCH} on the CPU)')
     parser.add_argument('--lr', type=float, default=1e-3,
                         help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of all layers from scratch')
     parser.add_argument('--backbone-lr', type=float,

@@ -180,6 +180,12 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
         rows = clean.set_index('ID').loc[fold_rows]
         trainable = (rows['face_score'] >= 1) & rows['second_face_score'].isna()  # the default training filters
         assert r['n_train'] == int((trainable & (rows['age'] <= 25)).sum())
+        # the zero-skill line: the mean age of those training rows, scored on the fold's test-like rows
+        val_ages = oof[oof['fold'] == k]['age'].to_numpy()
+        train_mean = rows['age'][trainable & (rows['age'] <= 25)].mean()
+        assert r['mean_rmse'] == pytest.approx(np.sqrt(np.mean((val_ages - train_mean) ** 2)))
+    summary = pd.read_csv(os.path.join(out, 'summary.csv'))
+    assert summary['mean_rmse_mean'][0] == pytest.approx(pd.read_csv(os.path.join(out, 'results.csv'))['mean_rmse'].mean())
 
 
 def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monkeypatch):

@@ -538,3 +538,24 @@ def test_torchrun_cv_spreads_the_folds_over_two_processes(tiny_data, tmp_path):
     results = pd.read_csv(out / 'results.csv')
     assert sorted(results['fold']) == [0, 1] and results['rmse'].notna().all()
     assert proc.stdout.count('summary (mean and std') == 1  # rank 0 reports
+
+
+def test_batch_size_default_follows_the_device_and_the_flag_wins(monkeypatch):
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    assert train.parse_args(parser, ['--device', 'cpu']).batch_size == train.CPU_BATCH == 32
+    assert train.parse_args(parser, ['--device', 'cuda']).batch_size == train.GPU_BATCH == 128
+    assert train.parse_args(parser, ['--device', 'cuda', '--batch-size', '7']).batch_size == 7
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # auto picks what the machine has
+    assert train.parse_args(parser, []).batch_size == 128
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert train.parse_args(parser, []).batch_size == 32
+
+
+def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
+    x = train.model_input(torch.zeros(4, 40, 40, dtype=torch.uint8), 32, 3, torch.device('cpu'))
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()  # (with one channel the two layouts are the same memory)
+    assert train.eval_batch(128, torch.device('cpu')) == 256
+    assert train.eval_batch(128, torch.device('cuda')) == 1024 and train.eval_batch(1024, torch.device('cuda')) == 2048
