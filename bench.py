@@ -343,8 +343,8 @@ def main(argv=None):
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
     predict_speed = predict_n / predict_s
     result = {
-        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': args.compile,
-        'ema': args.ema, 'device': str(device),
+        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': train_args.compile,
+        'ema': train_args.ema, 'device': str(device),
         'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
         'workers': args.workers, 'n_images': len(images), 'data': args.data or 'synthetic',

@@ -336,7 +336,8 @@ def epoch_order(n, weights, seed, epoch):
 def channels_last(device):
     """Channels-last memory (NHWC) on CUDA, where cuDNN's fastest convolutions read it, and on the
     CPU, where oneDNN's do: measured on 2 CPU cores, a training step of the cnn at 64 px ran 1.30x
-    faster (178 -> 232 images/s) and of resnet50 about 1.1x. Left off elsewhere (MPS)."""
+    faster (178 -> 232 images/s), and on one core resnet50's 1.20x at 100 px (0.95x at the demo's
+    32 px). Left off elsewhere (MPS)."""
     return device.type in ('cuda', 'cpu')
 
 
