@@ -212,8 +212,10 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'val_rmse_clean': math.nan,
                   'best_epoch': -1,
                   'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
-    ages = table['age'].to_numpy(dtype=np.float64)
-    result['mean_rmse'] = float(np.sqrt(np.mean((ages[val_rows] - ages[train_rows].mean()) ** 2)))
+    ages = torch.tensor(table['age'].to_numpy(dtype=np.float64))
+    val_ages = ages[val_rows]
+    result['mean_rmse'] = train.metrics_from_sums(train.metric_sums(
+        torch.full_like(val_ages, float(ages[train_rows].mean())), val_ages))['rmse']
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 

@@ -58,11 +58,6 @@ class DEXLoss(nn.Module):
 
 
 LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss, 'dex': DEXLoss}
-
-
-def make_criterion(name, y_mean, y_std):
-    """The loss `name` on standardised targets; DEX needs the scale to place its age bins."""
-    return LOSSES[name](y_mean, y_std) if name == 'dex' else LOSSES[name]()
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}
 # On 2 CPU cores a cnn step at 64 px handles 1.5x more images per second at batch 32 than at 128
@@ -70,6 +65,11 @@ DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}
 # 14.46 (README, Results). A GPU needs large batches to be busy.
 CPU_BATCH, GPU_BATCH = 32, 128
 DEMO_DIR = os.path.join('data', 'demo')
+
+
+def make_criterion(name, y_mean, y_std):
+    """The loss `name` on standardised targets; DEX needs the scale to place its age bins."""
+    return LOSSES[name](y_mean, y_std) if name == 'dex' else LOSSES[name]()
 
 
 # ----------------------------------------------------------------------------- options
@@ -596,9 +596,11 @@ def build_run(args, images, table, train_rows, val_rows, out_dir, device, rank, 
     total = args.epochs * steps_per_epoch
     weights = sample_weights(table['gender'].to_numpy()[train_rows.numpy()]) if args.balance_gender else None
     criterion = make_criterion(args.loss, y_mean, y_std)
+    val_rows = np.asarray(val_rows, dtype=np.int64)
+    val_clean = clean_data.clean_only(table.iloc[val_rows])
     return Run(args, raw_model, model, optimizer, ema, scaler, criterion,
                None if args.no_augment else torch.Generator(device=device), images, ages, table, train_rows,
-               np.asarray(val_rows), clean_data.clean_only(table.iloc[np.asarray(val_rows, dtype=np.int64)]), weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
+               val_rows, val_clean, weights, y_mean, y_std, models.INPUT_CHANNELS[args.model], per_rank,
                steps_per_epoch, total, warmup_steps(total, steps_per_epoch), out_dir, device, rank, world, log)
 
 
