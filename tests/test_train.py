@@ -487,11 +487,14 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     parser = argparse.ArgumentParser()
     train.add_train_options(parser)
     args = train.parse_args(parser, ['--demo', '--model', 'resnet50'])
-    assert (args.model, args.size, args.weights) == ('resnet50', 32, 'none')
+    assert (args.model, args.size, args.weights, args.batch_size) == ('resnet50', 32, 'none', 48)
     parser = argparse.ArgumentParser()
     train.add_train_options(parser)
     args = train.parse_args(parser, ['--demo', '--epochs', '3'])
-    assert (args.model, args.size, args.epochs, args.time_limit) == ('cnn', 64, 3, 2.5)
+    assert (args.model, args.size, args.epochs, args.time_limit, args.batch_size) == ('cnn', 64, 3, 2.5, 32)
+    parser = argparse.ArgumentParser()
+    train.add_train_options(parser)
+    assert train.parse_args(parser, ['--demo', '--model', 'resnet50', '--batch-size', '16']).batch_size == 16
     parser = argparse.ArgumentParser()
     train.add_train_options(parser)
     args = train.parse_args(parser, ['--demo', '--epoch', '4', '--mod', 'resnet50'])  # abbreviated flags win too
