@@ -15,12 +15,13 @@ The rows of the table it prints:
   train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed limit.
   train loop        train.fit itself (augmentation on; validation is not timed). Ratio: loop / step,
                     near 1 when the loop adds nothing to the model's own time.
-  predict           train.predict, the evaluation path of train.py, cv.py and predict.py (no flip).
+  predict           predict.predict_ages, the evaluation path of train.py, cv.py and predict.py (no flip).
 On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of the loop.
 
-README.md (Speed) has the figures measured on a 2-core CPU and on an H200.
+RESULTS.md (Speed) has the figures measured on a 2-core CPU and on an H200.
 """
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -35,9 +36,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import dataset
 import demo_data
 import models
+import predict
 import train
 
 
@@ -96,7 +99,7 @@ def load_faces(args, tmp, log):
     log(f'{ok.sum()} of {len(table)} images decoded ({len(table) - ok.sum()} dropped: unreadable or no age)')
     # Speed does not depend on the labels, but the 790-year ages of the raw CSV would make fit's
     # standardised targets (and so its loss) odd; clip them as the clean data would.
-    ages = np.clip(ages[ok], *train.AGE_RANGE).astype(np.float32)
+    ages = np.clip(ages[ok], *models.AGE_RANGE).astype(np.float32)
     table = table[ok].reset_index(drop=True).assign(age=ages)
     return [p for p, keep in zip(paths, ok) if keep], table, images[ok]
 
@@ -132,8 +135,8 @@ def bench_ours(args, images, ages, channels, device):
 
     def step():
         idx = torch.randint(len(images), (args.batch_size,), generator=pick, device=images.device)
-        x = train.model_input(images.index_select(0, idx).to(device, non_blocking=True), args.size, channels, device,
-                              generator=aug)
+        x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True), args.size, channels,
+                                   generator=aug)
         y = ages[idx.to(ages.device)].to(device, non_blocking=True)
         return x, y
 
@@ -152,10 +155,7 @@ def bench_naive(args, paths, ages, channels, device):
 
     def step():
         x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if train.channels_last(device):
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     # Each worker prepares 2 batches ahead (prefetch_factor); the warm-up drains that head start
     # so the timed batches are made at the workers' real pace.
@@ -169,25 +169,23 @@ def bench_step(args, train_args, images, ages, channels, device):
     """The model alone: train.train_step (forward, loss, backward, AdamW step) on one batch made
     once, with the model and optimizer that train.fit builds."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    raw_model, model = train.build_model(train_args, y_mean, y_std, device)  # model: compiled with --compile
-    optimizer, scaler = train.build_optimizer(raw_model, train_args, device)
-    criterion = train.make_criterion(train_args.loss, y_mean, y_std)
+    learner = train.build_learner(train_args, y_mean, y_std, device)  # its step_model: compiled with --compile
     idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
-    x = train.model_input(images[idx.to(images.device)].to(device), args.size, channels, device,
-                          generator=torch.Generator(device=device).manual_seed(args.seed))
+    x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
+                               generator=torch.Generator(device=device).manual_seed(args.seed))
     y = (ages[idx.to(ages.device)].to(device) - y_mean) / y_std
-    model.train()
+    learner.step_model.train()
 
     def step():
-        train.train_step(model, optimizer, scaler, criterion, x, y)
+        train.train_step(learner, x, y)
 
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
     # backward (the optimizer's elementwise work is not counted, and is a rounding error next to them).
     # Counted on the plain model: a compiled one runs the same products, out of the counter's sight.
     with FlopCounterMode(display=False) as counter:
-        train.train_step(raw_model, optimizer, scaler, criterion, x, y)
+        train.train_step(dataclasses.replace(learner, step_model=learner.model), x, y)
     calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
-    return raw_model, calls, seconds, counter.get_total_flops()
+    return learner.model, calls, seconds, counter.get_total_flops()
 
 
 def bench_loop(args, train_args, images, table, device, steps, tmp, log):
@@ -212,13 +210,13 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
 
 
 def bench_predict(args, model, images, channels, device):
-    """train.predict over enough rows (repeated) to fill --seconds, at the batch fit validates with."""
-    batch = train.eval_batch(args.batch_size, device)
+    """predict.predict_ages over enough rows (repeated) to fill --seconds, at the batch fit validates with."""
+    batch = predict.eval_batch(args.batch_size, device)
 
     def run(n):
         rows = np.resize(np.arange(len(images)), n)
         t = clock(device)
-        train.predict(model, images, rows, args.size, channels, batch, device, tta=False)
+        predict.predict_ages(model, images, rows, args.size, channels, batch, device, tta=False)
         return clock(device) - t
 
     run(batch)  # warm-up: eval-mode kernels are chosen on the first call
@@ -254,100 +252,93 @@ def print_table(rows):
         print(f'{name:<18} {speed:>10,.0f} {ratio:>7}  {note}')
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    number = cli.number
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
-    parser.add_argument('--size', type=int, default=100, help='model input size in pixels')
-    parser.add_argument('--batch-size', type=int, default=128, help='images per step')
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to run')
+    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE), default=100,
+                        help='model input size in pixels')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128, help='images per step')
+    cli.add_device(parser)
     parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: synthetic faces')
-    parser.add_argument('--n', type=int, default=2000, help='images to use (the first N rows of --data)')
-    parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument('--n', type=number(int, at_least=2), default=2000, help='images to use (the first N rows of --data)')
+    parser.add_argument('--workers', type=number(int, at_least=0), default=min(4, os.cpu_count() or 1),
                         help='DataLoader processes of the naive pipeline')
-    parser.add_argument('--seconds', type=float, help='target time of each measurement (default 5 on CPU, 10 on a GPU)')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed calls before each measurement (at least 2)')
-    parser.add_argument('--steps', type=int, help='timed train steps, bare and in the loop (default: fill --seconds)')
-    parser.add_argument('--min-steps', type=int, default=5, help='timed bare train steps at least')
-    parser.add_argument('--min-loop-steps', type=int, default=10, help='steps of the timed train.fit at least')
+    parser.add_argument('--seconds', type=number(above=0),
+                        help='target time of each measurement (default 5 on CPU, 10 on a GPU)')
+    parser.add_argument('--warmup', type=number(int, at_least=2), default=2,
+                        help='untimed calls before each measurement (the second half of them sets the pace)')
+    parser.add_argument('--steps', type=number(int, at_least=1),
+                        help='timed train steps, bare and in the loop (default: fill --seconds)')
+    parser.add_argument('--min-steps', type=number(int, at_least=1), default=5, help='timed bare train steps at least')
+    parser.add_argument('--min-loop-steps', type=number(int, at_least=1), default=10,
+                        help='steps of the timed train.fit at least')
     # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4 sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
-    parser.add_argument('--peak-tflops', type=float, default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
-    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE',
-                        choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
-                        help='torch.compile the train step and loop\'s model, as train.py --compile [MODE]')
-    parser.add_argument('--ema', type=float, default=0.0, help='the loop keeps a moving average, as train.py --ema')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the faces, batches and weights')
+    parser.add_argument('--peak-tflops', type=number(above=0), default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
+    cli.add_compile(parser, help='torch.compile the train step and loop\'s model, as train.py --compile [MODE]')
+    parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
+                        help='the loop keeps a moving average, as train.py --ema')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the faces, batches and weights')
     parser.add_argument('--json', metavar='FILE', help='also write the figures here')
     parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short measurements')
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
-    for name in ('size', 'batch_size', 'n', 'min_steps', 'min_loop_steps', 'peak_tflops'):
-        if not getattr(args, name) > 0:
-            parser.error(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
-    if args.warmup < 2:
-        parser.error(f'--warmup must be at least 2 (the second half of the warm-up sets the pace), got {args.warmup}')
-    if args.workers < 0 or (args.steps is not None and args.steps < 1):
-        parser.error('--workers must be >= 0 and --steps >= 1')
-    if args.size < models.MIN_SIZE[args.model]:
-        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
-    device = train.pick_device(args.device)
-    if args.seconds is None:
-        args.seconds = 5.0 if device.type == 'cpu' else 10.0
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, so let cuDNN pick the fastest kernels
-    # fit's own options, parsed by train.py's parser so they stay in step with it. Weights 'none':
-    # speed does not depend on them, and the ImageNet file may not be on this machine.
+    return parser
+
+
+def training_options(args):
+    """fit's own options, parsed by train.py's parser so they stay in step with it. Weights 'none':
+    speed does not depend on them, and the ImageNet file may not be on this machine."""
     train_parser = argparse.ArgumentParser()
-    train.add_train_options(train_parser)
-    train_args = train_parser.parse_args([
+    cli.add_train_options(train_parser)
+    return train_parser.parse_args([
         '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size', str(args.batch_size),
         '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
         '--seed', str(args.seed), '--ema', str(args.ema)] + (['--compile', args.compile] if args.compile else []))
+
+
+def measure_all(args, train_args, device, log):
+    """Every row of the table: {name: (calls or images, seconds)}, the FLOPs of a step, the loop's
+    images/s and its peak GPU memory."""
     channels = models.INPUT_CHANNELS[args.model]
-    dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
-    log = lambda *a: print(*a, flush=True)  # noqa: E731
     fit_log = lambda *a: print('  train.fit:', *a, flush=True)  # noqa: E731
-    load_before, start = load_average(), time.time()
-    log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device {device} ({device_name(device)}), '
-        f'{dtype}, load average {load_before}')
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, table, images_np = load_faces(args, tmp, log)
+        images = dataset.place_images(images_np, device, log)
+        ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+        timed = {}
+        log('measuring the input pipeline (ours) ...')
+        timed['ours'] = bench_ours(args, images, ages, channels, device)
+        log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
+        timed['naive'] = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels, device)
+        log('measuring the bare train step ...')
+        model, step_calls, step_s, flops = bench_step(args, train_args, images, ages, channels, device)
+        timed['step'] = step_calls, step_s
+        log('measuring prediction ...')
+        timed['predict'] = bench_predict(args, model, images, channels, device)
+        del model  # free its memory before the loop's peak is measured
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        loop_steps = args.steps or max(args.min_loop_steps, step_calls)
+        log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
+        loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp, fit_log)
+    return timed, flops, loop_steps, loop_speed, peak_gb, len(images)
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            paths, table, images_np = load_faces(args, tmp, log)
-            images = train.prepare_images(images_np, device, log)
-            ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
 
-            log('measuring the input pipeline (ours) ...')
-            ours_calls, ours_s = bench_ours(args, images, ages, channels, device)
-            log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
-            naive_calls, naive_s = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels, device)
-            log('measuring the bare train step ...')
-            model, step_calls, step_s, flops = bench_step(args, train_args, images, ages, channels, device)
-            log('measuring prediction ...')
-            predict_n, predict_s = bench_predict(args, model, images, channels, device)
-            del model  # free its memory before the loop's peak is measured
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
-            loop_steps = args.steps or max(args.min_loop_steps, step_calls)
-            log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
-            loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp, fit_log)
-    except (dataset.DataError, models.WeightsError) as e:
-        train.error(e)
-        return 1
-
-    ours = ours_calls * args.batch_size / ours_s
-    naive = naive_calls * args.batch_size / naive_s
-    step = step_calls * args.batch_size / step_s
-    step_tflops = flops * step_calls / step_s / 1e12
+def report(args, train_args, device, measured, load_before, start):
+    """The figures as a dict (what --json writes), and the table on stdout."""
+    timed, flops, loop_steps, loop_speed, peak_gb, n_images = measured
+    ours, naive, step = (timed[k][0] * args.batch_size / timed[k][1] for k in ('ours', 'naive', 'step'))
+    step_calls = timed['step'][0]
+    step_tflops = flops * step_calls / timed['step'][1] / 1e12
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
-    predict_speed = predict_n / predict_s
+    predict_speed = timed['predict'][0] / timed['predict'][1]
+    dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
     result = {
         'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': train_args.compile,
         'ema': train_args.ema, 'device': str(device),
         'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-        'workers': args.workers, 'n_images': len(images), 'data': args.data or 'synthetic',
+        'workers': args.workers, 'n_images': n_images, 'data': args.data or 'synthetic',
         'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive, 'pipeline_ratio': ours / naive,
         'step_img_per_s': step, 'step_steps': step_calls, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
         'loop_ratio': loop_speed / step, 'predict_img_per_s': predict_speed,
@@ -355,31 +346,56 @@ def main(argv=None):
         'peak_tflops': args.peak_tflops if device.type == 'cuda' else None, 'peak_mem_gb': peak_gb,
         'load_before': load_before, 'load_after': load_average(), 'seconds': time.time() - start,
     }
-
-    print()
     extras = (f', compile {args.compile}' if args.compile else '') + (f', EMA {args.ema:g}' if args.ema else '')
-    print(f'{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on {device}: {result["device_name"]}')
+    print(f'\n{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on {device}: '
+          f'{result["device_name"]}')
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads '
           f'(of {os.cpu_count()}), load average {load_before} before, {result["load_after"]} after, '
-          f'{len(images)} {"images from " + args.data if args.data else "synthetic faces"}')
+          f'{n_images} {"images from " + args.data if args.data else "synthetic faces"}')
     print_table([
-        ('pipeline (ours)', ours, f'{ours / naive:.1f}x',
-         f'uint8 on {images.device.type}, to_model_input, {ours_calls} batches'),
-        ('pipeline (naive)', naive, '',
-         f'PIL + torchvision, DataLoader with {args.workers} workers, {naive_calls} batches'),
+        ('pipeline (ours)', ours, f'{ours / naive:.1f}x', f'uint8 on {device.type}, to_model_input, '
+                                                           f'{timed["ours"][0]} batches'),
+        ('pipeline (naive)', naive, '', f'PIL + torchvision, DataLoader with {args.workers} workers, '
+                                        f'{timed["naive"][0]} batches'),
         ('train step', step, '', f'one fixed batch, {step_calls} steps after {args.warmup} warm-up, '
                                  f'{step_tflops:.2f} TFLOP/s'),
-        ('train loop', loop_speed, f'{loop_speed / step:.2f}',
-         f'train.fit, {loop_steps} steps after a {args.warmup}-step warm-up fit'),
-        ('predict', predict_speed, '', f'train.predict, batch {train.eval_batch(args.batch_size, device)}, {predict_n} images'),
+        ('train loop', loop_speed, f'{loop_speed / step:.2f}', f'train.fit, {loop_steps} steps after a '
+                                                               f'{args.warmup}-step warm-up fit'),
+        ('predict', predict_speed, '', f'predict.predict_ages, batch {predict.eval_batch(args.batch_size, device)}, '
+                                       f'{timed["predict"][0]} images'),
     ])
     if device.type == 'cuda':
         print(f'MFU {100 * mfu:.1f}% ({step_tflops:.0f} of {args.peak_tflops:g} TFLOP/s, '
               f'{flops / 1e9:.1f} GFLOP per step); peak memory in the loop {peak_gb:.2f} GB')
-    if args.json:
-        dataset.write_json(result, args.json)
-        print(f'wrote {args.json}')
-    return 0
+    return result
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
+    if args.size < models.MIN_SIZE[args.model]:
+        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
+    cli.refuse_overwriting_inputs(parser, '--json', args.json, [args.data and os.path.join(args.data, 'wiki_labels.csv')])
+
+    def work():
+        device = models.pick_device(args.device)
+        if args.seconds is None:
+            args.seconds = 5.0 if device.type == 'cpu' else 10.0
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, so let cuDNN pick the fastest kernels
+        train_args = training_options(args)
+        dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
+        log = lambda *a: print(*a, flush=True)  # noqa: E731
+        load_before, start = load_average(), time.time()
+        log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device {device} ({device_name(device)}), '
+            f'{dtype}, load average {load_before}')
+        result = report(args, train_args, device, measure_all(args, train_args, device, log), load_before, start)
+        if args.json:
+            dataset.write_json(result, args.json)
+            print(f'wrote {args.json}')
+    return cli.run(work, batch_size=args.batch_size)
 
 
 if __name__ == '__main__':

@@ -13,6 +13,10 @@ decoded faces of the kept rows are cached next to the output CSV, so training st
 Each rule reports how many rows it removed. Rows with unknown gender are kept: they are valid age
 samples. Gender balancing is NOT done here: balancing before the train/validation split copies
 images into validation (see train.py --balance-gender).
+
+The rows a run uses are chosen here too, beside the rules they apply: `load_table` (the clean CSV
+and its decoded faces), `training_rows` (the --train-* filters, training part only) and
+`validation_rows` (the test-like rows of a fold).
 """
 import argparse
 import math
@@ -20,8 +24,12 @@ import os
 import sys
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
+import cli
 import dataset
+import demo_data
 
 
 def metadata_rules(table, min_face_score=None, drop_second_face=False, min_age=1.0, max_age=100.0):
@@ -57,66 +65,140 @@ def clean(table, image_root, args, log=print):
     """Apply the rules in order. Returns (kept table, decoded images of the kept rows, report rows)."""
     keep = np.ones(len(table), dtype=bool)
     report = [('rows in wiki_labels.csv', 0, len(table))]
+
+    def apply(rule, bad):
+        report.append((rule, int((keep & bad).sum()), int((keep & ~bad).sum())))
+        return keep & ~bad
+
+    outside = np.array([dataset.outside(p) for p in table['path']], dtype=bool)
+    if outside.any():  # an absolute path or '..': never opened (it could point at a test image)
+        list_rows(table, outside, 'with a path outside the image folder (removed, not opened)', [None] * len(table), log)
+        keep = apply('image path outside wiki_labeled/', outside)
     images = None
     if not args.no_image_check:
-        paths = [os.path.join(image_root, p) for p in table['path']]
-        log(f'decoding {len(paths)} images from {image_root} ...')
-        images, problems = dataset.decode_all(paths)
+        opened = np.flatnonzero(keep)
+        log(f'decoding {len(opened)} images from {image_root} ...')
+        images, decoded = dataset.decode_all([os.path.join(image_root, table['path'].iat[i]) for i in opened])
+        problems = np.full(len(table), None, dtype=object)
+        problems[opened] = decoded
         bad = np.array([not dataset.usable(p) for p in problems])
-        removed = int((keep & bad).sum())
-        keep &= ~bad
-        report.append(('image missing or does not decode', removed, int(keep.sum())))
-        for kind, listed in (('unreadable', bad), ('converted', np.array([bool(p) and p.startswith('converted')
-                                                                           for p in problems]))):
-            rows = np.flatnonzero(listed)
-            if len(rows):
-                log(f'{len(rows)} image(s) {kind}' + (' (kept, converted to 100x100 grey)' if kind == 'converted' else ''))
-                for i in rows[:10]:
-                    log(f'  ID {table["ID"].iat[i]}: {table["path"].iat[i]}: {problems[i]}')
-                if len(rows) > 10:
-                    log(f'  ... and {len(rows) - 10} more')
+        list_rows(table, bad, 'unreadable', problems, log)
+        list_rows(table, np.array([bool(p) and p.startswith('converted') for p in problems]),
+                  'converted (kept, converted to 100x100 grey)', problems, log)
+        keep = apply('image missing or does not decode', bad)
     for rule, bad in metadata_rules(table, args.min_face_score, args.drop_second_face,
                                     args.min_age, args.max_age).items():
-        removed = int((keep & bad).sum())
-        keep &= ~bad
-        report.append((rule, removed, int(keep.sum())))
-    kept = table[keep].reset_index(drop=True)
-    return kept, (images[keep] if images is not None else None), report
+        keep = apply(rule, bad)
+    if images is not None:  # the decoded faces of the kept rows, in their order
+        images = images[np.searchsorted(opened, np.flatnonzero(keep))]
+    return table[keep].reset_index(drop=True), images, report
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
-    parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and wiki_labeled/')
-    parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
-    parser.add_argument('--min-face-score', type=float,
-                        help='also drop rows whose face detector score is below this (#NAME? = no face = -inf); '
-                             'by default they stay, and train.py decides what it trains on')
-    parser.add_argument('--drop-second-face', action='store_true',
-                        help='also drop rows where a second face was detected')
-    parser.add_argument('--min-age', type=float, default=1.0, help='drop younger labels (0 = photo before birth)')
-    parser.add_argument('--max-age', type=float, default=100.0, help='drop older labels (nonsense birth dates)')
-    parser.add_argument('--no-image-check', action='store_true',
-                        help='do not open the images (faster; unreadable ones are then skipped at training)')
-    args = parser.parse_args(argv)
-    if args.min_age > args.max_age:
-        parser.error(f'--min-age {args.min_age:g} is above --max-age {args.max_age:g}')
-    out = args.out or os.path.join(args.data, 'wiki_labels_clean.csv')
-    try:
-        files = dataset.find_files(args.data)
-        dataset.require(files, args.data, 'labels', 'images')
-        table = dataset.read_labels(files['labels'])
-        kept, images, report = clean(table, files['images'], args)
-    except dataset.DataError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    try:
-        dataset.write_csv(kept[dataset.CLEAN_COLUMNS], out)
-    except OSError as e:
-        print(f'error: cannot write {out}: {e.strerror or e}; choose another place with --out', file=sys.stderr)
-        return 1
-    if images is not None:  # the kept rows are decoded already: cache them for train.py
-        dataset.save_cache(out, list(kept['path']), images, np.ones(len(kept), bool))
+def list_rows(table, rows, kind, problems, log):
+    """Log the rows a rule flagged: how many, and the first ten with their file and problem."""
+    rows = np.flatnonzero(rows)
+    if len(rows):
+        log(f'{len(rows)} image(s) {kind}')
+        for i in rows[:10]:
+            log(f'  ID {table["ID"].iat[i]}: {table["path"].iat[i]}' + (f': {problems[i]}' if problems[i] else ''))
+        if len(rows) > 10:
+            log(f'  ... and {len(rows) - 10} more')
 
+
+# ----------------------------------------------------------------------------- the rows a run uses
+
+def load_table(args, log=print, rank=0, world=1):
+    """The clean table and its decoded faces (cached), for train.py and cv.py. Rows whose image
+    cannot be read are dropped with a count; --demo makes and cleans the synthetic data first.
+    Under torchrun, process 0 makes the demo data and the image cache; the others then read them."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    table, images = read_table(args, log)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return table, images
+
+
+def read_table(args, log):
+    if args.demo and not os.path.exists(os.path.join(args.data, 'wiki_labels.csv')):
+        log(f'making synthetic demo data in {args.data}')
+        demo_data.make_demo_data(args.data)
+    csv = args.csv or os.path.join(args.data, 'wiki_labels_clean.csv')
+    if args.demo and not os.path.exists(csv) and main(['--data', args.data, '--out', csv]) != 0:
+        raise dataset.DataError(f'cleaning the demo data in {args.data} failed (see above)')
+    if not os.path.exists(csv):
+        raise dataset.DataError(f'{csv} not found: run `python clean_data.py --data {args.data}` first '
+                                '(or pass --csv FILE)')
+    files = dataset.find_files(args.data)
+    dataset.require(files, args.data, 'images')
+    table = dataset.read_clean(csv)
+    images, ok = dataset.load_images(csv, table, files['images'], log)
+    if not ok.any():
+        raise dataset.DataError(f'none of the {len(table)} images that {csv} lists can be read in {files["images"]} '
+                                f'(first: {table["path"].iat[0]}); was the CSV made from another --data folder?')
+    if not ok.all():
+        bad = table['ID'][~ok].tolist()
+        log(f'warning: skipping {len(bad)} row(s) whose image cannot be read, IDs {bad[:10]}'
+            f'{" ..." if len(bad) > 10 else ""} (clean_data.py removes them)')
+        table, images = table[ok].reset_index(drop=True), images[ok]
+    if args.limit and args.limit < len(table):
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(table), args.limit, replace=False))
+        table, images = table.iloc[keep].reset_index(drop=True), images[keep]
+    return table, images
+
+
+def training_rows(table, rows, args, where='the training part'):
+    """The training part of a split, filtered by the --train-* options (validation never is). Fewer
+    than 2 rows left is an error that says what each filter removed."""
+    rules = metadata_rules(
+        table.iloc[rows], min_face_score=args.train_min_face_score, drop_second_face=not args.train_keep_second_face,
+        min_age=-math.inf if args.train_min_age is None else args.train_min_age,
+        max_age=math.inf if args.train_max_age is None else args.train_max_age)
+    bad = np.zeros(len(rows), dtype=bool)
+    for mask in rules.values():
+        bad |= mask
+    if (~bad).sum() < 2:
+        removed = ', '.join(f'{rule}: {int(mask.sum())}' for rule, mask in rules.items())
+        raise dataset.DataError(f'{where} has {len(rows)} rows and {int((~bad).sum())} pass the training filters '
+                                f'({removed}); see --train-min-face-score, --train-keep-second-face, '
+                                '--train-min-age, --train-max-age')
+    return rows[~bad]
+
+
+def validation_rows(table, folds, k):
+    """Fold k's test-like rows (a face found, a possible age): what validation scores. Rows without
+    a face are in no validation set, as the test set has almost none."""
+    return np.flatnonzero((folds == k) & test_like(table))
+
+
+def draw_weights(gender):
+    """--balance-gender: male and female rows get equal total weight; unknown gender keeps its share."""
+    gender = np.asarray(gender, dtype=float)
+    w = np.ones(len(gender))
+    male, female = gender == 1, gender == 0
+    known = male.sum() + female.sum()
+    if male.any() and female.any():
+        w[male] = known / 2 / male.sum()
+        w[female] = known / 2 / female.sum()
+    return torch.from_numpy(w)
+
+
+def split(args, table):
+    """(training rows, validation rows): a person-grouped share of 1/round(1/val_frac) validates
+    on its test-like rows, the rest trains through the --train-* filters. --val-frac 0: all train."""
+    if args.val_frac:
+        folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
+    else:  # the final model: every row trains, nothing validates
+        folds = np.ones(len(table), dtype=np.int64)
+    val_rows = validation_rows(table, folds, 0)
+    train_rows = training_rows(table, np.flatnonzero(folds != 0), args)
+    if args.val_frac and len(val_rows) < 1:
+        raise dataset.DataError(f'no validation rows: the validation share of {len(table)} rows ({table["person"].nunique()} '
+                                'people) holds no test-like row (a face found, an age in 1..100)')
+    return train_rows, val_rows
+
+
+def print_report(report, kept, table, out):
     width = max(len(r[0]) for r in report)
     print(f'\n{"rule":<{width}}  {"removed":>8}  {"left":>8}')
     for rule, removed, left in report:
@@ -130,7 +212,41 @@ def main(argv=None):
     print(f'age: mean {kept["age"].mean():.1f}, std {kept["age"].std():.1f}, '
           f'min {kept["age"].min():.1f}, max {kept["age"].max():.1f}')
     print(f'wrote {out}')
-    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and wiki_labeled/')
+    parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
+    parser.add_argument('--min-face-score', type=cli.number(infinite=True),
+                        help='also drop rows whose face detector score is below this (#NAME? = no face = -inf); '
+                             'by default they stay, and train.py decides what it trains on')
+    parser.add_argument('--drop-second-face', action='store_true',
+                        help='also drop rows where a second face was detected')
+    parser.add_argument('--min-age', type=cli.number(), default=1.0, help='drop younger labels (0 = photo before birth)')
+    parser.add_argument('--max-age', type=cli.number(), default=100.0, help='drop older labels (nonsense birth dates)')
+    parser.add_argument('--no-image-check', action='store_true',
+                        help='do not open the images (faster; unreadable ones are then skipped at training)')
+    args = parser.parse_args(argv)
+    if args.min_age > args.max_age:
+        parser.error(f'--min-age {args.min_age:g} is above --max-age {args.max_age:g}')
+    out = args.out or os.path.join(args.data, 'wiki_labels_clean.csv')
+
+    def work():
+        files = dataset.find_files(args.data)
+        dataset.require(files, args.data, 'labels', 'images')
+        cli.refuse_overwriting_inputs(parser, '--out', out, [files['labels'], files['judge'], files['sample_submission']])
+        table = dataset.read_labels(files['labels'])
+        kept, images, report = clean(table, files['images'], args)
+        if len(kept) == 0:
+            rule, removed, _ = max(report[1:], key=lambda r: r[1])
+            raise dataset.DataError(f'no usable rows: all {len(table)} rows of {files["labels"]} were removed (most by '
+                                    f'"{rule}": {removed}); the images were looked for in {files["images"]}')
+        dataset.write_csv(kept[dataset.CLEAN_COLUMNS], out)
+        if images is not None:  # the kept rows are decoded already: cache them for train.py
+            dataset.save_cache(out, list(kept['path']), images, np.ones(len(kept), bool))
+        print_report(report, kept, table, out)
+    return cli.run(work)
 
 
 if __name__ == '__main__':

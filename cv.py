@@ -5,8 +5,9 @@
     python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
     torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
 
-Every train.py option works here under the same name and is fixed for all runs; --grid gives an
-option several values, and every combination runs on every fold. The images are decoded once for
+Every training option of train.py works here under the same name and is fixed for all runs
+(train.py's own --val-frac, --out-dir and --resume are cv.py's --folds, --out-dir and running the
+same command again); --grid gives an option several values, and every combination runs on every fold. The images are decoded once for
 the whole grid. Running the same command again skips the finished (combination, fold) pairs and
 resumes an interrupted one. The run directory gets folds.csv, results.csv, summary.csv,
 oof_predictions.csv, predictions.png, error_by_decade.png and fold_models.csv
@@ -27,7 +28,10 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+import clean_data
+import cli
 import dataset
+import metrics
 import models
 import train
 
@@ -37,9 +41,9 @@ NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'co
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
-    train.add_train_options(parser)
-    parser.add_argument('--folds', type=int, default=5, help='folds, grouped by person')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    cli.add_train_options(parser)
+    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5, help='folds, grouped by person')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')
     parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo)')
@@ -72,6 +76,9 @@ def parse_grid(parser, items):
                 converted.append(v.lower() in ('true', '1', 'yes'))
             else:
                 converted.append(getattr(parser.parse_args([f'{flag}={v}']), key))
+        twice = [v for i, v in enumerate(converted) if v in converted[:i]]
+        if twice:  # 1e-3,0.001 would run the same combination twice under one name
+            parser.error(f'--grid {item!r}: {twice[0]} is given twice')
         keys.append(key)
         value_lists.append(converted)
     return [dict(zip(keys, combo)) for combo in itertools.product(*value_lists)]
@@ -86,14 +93,7 @@ def combo_name(combo):
 
 def command_line(script, args):
     """The command that reproduces args: every option that differs from its default."""
-    parts = ['python', script]
-    defaults = vars(build_parser().parse_args([]))  # not the --demo presets: those must be spelled out
-    for key, value in vars(args).items():
-        if key in ('grid', 'demo') or key not in defaults or value is None or value == defaults[key]:
-            continue
-        flag = '--' + key.replace('_', '-')
-        parts += [flag] if value is True else [flag, str(value)]
-    return ' '.join(parts)
+    return ' '.join(['python', script, *cli.flags(build_parser(), vars(args), skip=('grid', 'demo'), changed_only=True)])
 
 
 def summarize(results):
@@ -115,49 +115,57 @@ def summarize(results):
 
 def main(argv=None):
     parser = build_parser()
-    args = train.parse_args(parser, argv, count_runs=lambda a: len(parse_grid(parser, a.grid)) * a.folds)
-    if args.folds < 2:
-        parser.error(f'--folds must be at least 2, got {args.folds}')
+    args = cli.parse_args(parser, argv, count_runs=lambda a: len(parse_grid(parser, a.grid)) * a.folds)
     combos = parse_grid(parser, args.grid)
     for combo in combos:  # each combination must be a valid train.py run
-        train.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
-    n_cells = len(combos) * args.folds
+        cli.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
     args.out_dir = args.out_dir or os.path.join('runs', 'cv-demo' if args.demo else f'cv-{args.model}')
-
     # The same command again resumes; a different one must not mix its results into this folder.
     identity = {k: v for k, v in vars(args).items() if k not in ('device', 'time_limit', 'log_every', 'compile')}
-    config_path = os.path.join(args.out_dir, 'config.json')
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
-        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        if changed:
-            parser.error(f'--out-dir {args.out_dir} holds a CV run with other options ({", ".join(changed)}); '
-                         'choose a new --out-dir')
-    elif os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
-        parser.error(f'--out-dir {args.out_dir} exists and is not a cv.py run; choose a new --out-dir')
+    check_out_dir(parser, args.out_dir, identity)
+    return cli.run(lambda: cv_command(args, combos, identity), batch_size=args.batch_size,
+                   interrupted='interrupted; run the same command again to go on')
 
-    try:
-        # Under torchrun each process takes every world_size-th (combination, fold) run on its own
-        # GPU; gloo only for the final barrier, with a long timeout: a rank may wait hours for the others.
-        with train.distributed(args.device, backend='gloo', timeout=datetime.timedelta(days=7)) as (rank, world, device):
-            log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-            if device.type == 'cuda':
-                torch.backends.cudnn.benchmark = True
-            os.makedirs(args.out_dir, exist_ok=True)
+
+def check_out_dir(parser, out_dir, identity):
+    """A usage error when out_dir holds results of another command, or is not a cv.py run. A folder
+    whose run failed before any result (bad data, too many folds) is free for the corrected command."""
+    config_path = os.path.join(out_dir, 'config.json')
+    if os.path.exists(config_path):
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        cells = os.path.join(out_dir, 'cells')
+        has_results = any(name in ('result.json', 'last.pt') for _, _, names in os.walk(cells) for name in names)
+        if changed and has_results:
+            parser.error(f'--out-dir {out_dir} holds a CV run with other options ({", ".join(changed)}); '
+                         'choose a new --out-dir')
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        parser.error(f'--out-dir {out_dir} exists and is not a cv.py run; choose a new --out-dir')
+
+
+def cv_command(args, combos, identity):
+    # Under torchrun each process takes every world_size-th (combination, fold) run on its own GPU;
+    # gloo only for the final barrier, with a long timeout: a rank may wait hours for the others.
+    with models.distributed(args.device, backend='gloo', timeout=datetime.timedelta(days=7)) as (rank, world, device):
+        log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        table, images = clean_data.load_table(args, log, rank, world)
+        folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
+        check_folds(args, combos, table, folds)
+        n_cells = len(combos) * args.folds
+        log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
+            f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
+        with cli.output_folder(args.out_dir):  # made only now that the inputs are checked
             if rank == 0:
-                dataset.write_json(identity, config_path)
-            table, images = train.load_table_once(args, rank, world, log)
-            folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
-            if np.bincount(folds, minlength=args.folds).min() == 0:
-                raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; '
-                                        'use fewer --folds')
-            if rank == 0:
+                dataset.write_json(identity, os.path.join(args.out_dir, 'config.json'))
                 dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
                                   os.path.join(args.out_dir, 'folds.csv'))
-            log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
-                f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
-            images = train.prepare_images(images, device, log)
+            images = dataset.place_images(images, device, log)
             cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
             for i, (c, k) in enumerate(cells):
                 if i % world == rank:
@@ -166,20 +174,21 @@ def main(argv=None):
                 dist.barrier()
             if rank == 0:
                 report(args, combos, log)
-    except (dataset.DataError, models.WeightsError, train.CheckpointError) as e:
-        train.error(e)
-        return 1
-    except torch.OutOfMemoryError:
-        train.error(f'out of GPU memory at --batch-size {args.batch_size}; '
-                    f'try --batch-size {max(1, args.batch_size // 2)}')
-        return 1
-    except KeyboardInterrupt:
-        train.error('interrupted; run the same command again to go on')
-        return 130
-    except OSError as e:
-        train.error(f'{e.filename or args.out_dir}: {e.strerror or e}')
-        return 1
-    return 0
+
+
+def check_folds(args, combos, table, folds):
+    """Every fold validates on at least one test-like row and trains on at least two rows under
+    every combination's filters: checked for all runs before the first one starts."""
+    for k in range(args.folds):
+        if (folds == k).sum() == 0:
+            raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; use fewer --folds')
+        if len(clean_data.validation_rows(table, folds, k)) == 0:
+            raise dataset.DataError(f'fold {k} of {args.folds} has no test-like row to validate on (a face found, '
+                                    f'an age in 1..100) among {int((folds == k).sum())} rows; use fewer --folds '
+                                    'or more rows')
+        for combo in combos:
+            clean_data.training_rows(table, np.flatnonzero(folds != k), argparse.Namespace(**{**vars(args), **combo}),
+                                     where=f'fold {k}\'s training part ({combo_name(combo)})')
 
 
 def cell_dir(args, combo, k):
@@ -194,16 +203,14 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         return
     resume = None
     if os.path.exists(os.path.join(out, 'last.pt')):
-        resume = train.load_checkpoint(os.path.join(out, 'last.pt'))
+        resume = models.load_checkpoint(os.path.join(out, 'last.pt'), resumable=True)
     elif os.path.isdir(out):
         shutil.rmtree(out)  # died before its first checkpoint: start it again
     os.makedirs(out, exist_ok=True)
     cell_args = argparse.Namespace(**{**vars(args), **combo})
-    val_rows = train.validation_rows(table, folds, k)
-    train_rows = train.training_rows(table, np.flatnonzero(folds != k), cell_args)
+    val_rows = clean_data.validation_rows(table, folds, k)
+    train_rows = clean_data.training_rows(table, np.flatnonzero(folds != k), cell_args)
     log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
-    if len(train_rows) < 2:
-        raise dataset.DataError(f'fold {k}: fewer than 2 training rows left after the --train-* filters')
     try:
         result = train.fit(cell_args, images, table, train_rows, val_rows, out, device, resume=resume, log=log)
         result.pop('val_pred')
@@ -212,10 +219,8 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
         result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'val_rmse_clean': math.nan,
                   'best_epoch': -1,
                   'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
-    ages = torch.tensor(table['age'].to_numpy(dtype=np.float64))
-    val_ages = ages[val_rows]
-    result['mean_rmse'] = train.metrics_from_sums(train.metric_sums(
-        torch.full_like(val_ages, float(ages[train_rows].mean())), val_ages))['rmse']
+    ages = table['age'].to_numpy(dtype=np.float64)
+    result['mean_rmse'] = metrics.scores(ages[val_rows], np.full(len(val_rows), ages[train_rows].mean()))['rmse']
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 
@@ -254,12 +259,9 @@ def report(args, combos, log):
         oof.append(v.assign(fold=k)[['ID', 'fold', 'age', 'prediction']])
     oof = pd.concat(oof).sort_values('ID')
     dataset.write_csv(oof, os.path.join(args.out_dir, 'oof_predictions.csv'))
-    overall = train.metrics_from_sums(train.metric_sums(torch.tensor(oof['prediction'].to_numpy()),
-                                                        torch.tensor(oof['age'].to_numpy())))
-    plot_title = f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)'
-    train.plot_predictions(os.path.join(args.out_dir, 'predictions.png'), oof['age'], oof['prediction'], plot_title)
-    train.plot_error_by_decade(os.path.join(args.out_dir, 'error_by_decade.png'), oof['age'], oof['prediction'],
-                               plot_title)
+    overall = metrics.scores(oof['age'], oof['prediction'])
+    metrics.plot_both(os.path.join(args.out_dir, 'predictions.png'), os.path.join(args.out_dir, 'error_by_decade.png'),
+                      oof['age'], oof['prediction'], f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)')
 
     fold_models = pd.DataFrame({'fold': range(args.folds),
                                 'checkpoint': [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'),

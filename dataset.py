@@ -1,16 +1,16 @@
 """Reading the Kaggle files, decoding the faces once, person-grouped folds and batch augmentation.
 
 The other scripts import from here: the CSV parsers (Kaggle writes list literals and `#NAME?`),
-the image cache (every image decoded once into one uint8 array), the
-person-grouped folds, and `to_model_input`, the ONE preprocessing path used by training,
-validation, cross-validation and prediction.
+the image cache (every image decoded once into one uint8 array), the person-grouped folds, and
+`to_model_input`, the ONE preprocessing path used by training, validation, cross-validation and
+prediction. Which rows train and which validate is clean_data.py's business, beside its rules.
 """
-import argparse
 import csv
 import hashlib
 import json
 import math
 import os
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,21 +26,20 @@ LABEL_COLUMNS = ['ID', 'dob', 'dob_str', 'photo_taken', 'full_path', 'gender', '
                  'face_location', 'face_score', 'second_face_score', 'age']
 JUDGE_COLUMNS = ['ID', 'full_path']
 CLEAN_COLUMNS = ['ID', 'path', 'age', 'gender', 'face_score', 'second_face_score', 'person', 'name']
+MAX_AGE = 1000.0  # years: no wiki label is above 792, so a clean CSV with more was damaged or edited
+
+# An image Pillow deems a decompression bomb (over 89 million pixels) is an unreadable file here,
+# reported with its row like any other, not a warning printed from inside Pillow.
+warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every script: the module docstring's command lines as written, and each option's
-    default once (not for flags, nor where the help already says what happens without the option)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == [] \
-                or '(default' in (action.help or ''):
-            return action.help
-        return super()._get_help_string(action)
+class UserError(Exception):
+    """Something the user can fix: a bad input file, row, checkpoint or output path, a run that
+    diverged. The message names the culprit; cli.run prints it as one line and returns exit code 1."""
 
 
-class DataError(Exception):
-    """Bad input files: the message names the file, row or column. Scripts print it and exit 1."""
+class DataError(UserError):
+    """Bad input files: the message names the file, row or column."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -49,12 +48,18 @@ def write_atomic(path, write):
     """Call write(tmp_path), then rename onto path: a crash or a dropped SSH session never leaves
     half a file where a finished one is expected."""
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: its folder {folder} cannot be made ({e.strerror or e})') from None
     root, ext = os.path.splitext(path)
     tmp = f'{root}.tmp{os.getpid()}{ext}'  # keep the extension: np.savez and PIL go by it
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a read-only folder, a full disk, a folder where the file should go
+        raise UserError(f'cannot write {path} ({e.strerror or e})') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -130,14 +135,15 @@ def parse_float(text):
 
 def read_csv_strict(path, columns):
     """Read a CSV as text. Names the file and the problem: missing file or columns, empty file,
-    a row with too few fields (a file cut off mid-row)."""
+    a row with more or fewer fields than the header (a stray comma, a file cut off mid-row)."""
     try:
+        check_row_widths(path)
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding='utf-8')
     except FileNotFoundError:
         raise DataError(f'{path}: file not found') from None
     except pd.errors.EmptyDataError:
         raise DataError(f'{path}: the file is empty') from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f'{path}: cannot parse as CSV ({e})') from None
     except OSError as e:  # a folder, no permission to read, an I/O error
         raise DataError(f'{path}: cannot read ({e.strerror or e})') from None
@@ -146,31 +152,60 @@ def read_csv_strict(path, columns):
         raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found {", ".join(df.columns)}')
     if len(df) == 0:
         raise DataError(f'{path}: has a header but no rows')
-    with open(path, newline='', encoding='utf-8') as f:  # pandas pads a short row with '' silently
-        reader = csv.reader(f)
-        width = len(next(reader))
-        for row in reader:
-            if 0 < len(row) < width:
-                raise DataError(f'{path}: line {reader.line_num} has {len(row)} of {width} fields '
-                                f'(is the file truncated?): {",".join(row)}')
     return df
 
 
-def parse_column(df, column, path, allow_nan=True):
+def check_row_widths(path):
+    """Every row as wide as the header: pandas pads a short row with '' silently and stops at a long
+    one with a message of its own, so the csv module names the line first."""
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.reader(f)
+        width = len(next(reader, []))
+        for row in reader:
+            if row and len(row) != width:
+                why = 'is the file truncated?' if len(row) < width else 'a comma too many?'
+                raise DataError(f'{path}: line {reader.line_num} has {len(row)} of {width} fields ({why}): '
+                                f'{",".join(row)[:200]}')
+
+
+def parse_column(df, column, path, allow_nan=True, low=-math.inf, high=math.inf):
+    """A column of numbers (Kaggle's spellings, see parse_float). Text, a NaN where none is allowed
+    or a value outside low..high names its line."""
     values = [parse_float(v) for v in df[column]]
     for i, v in enumerate(values):
         if v is None or (not allow_nan and math.isnan(v)):
             raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a number')
+        if not math.isnan(v) and not low <= v <= high:
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is outside {low:g}..{high:g}')
     return np.array(values, dtype=np.float64)
 
 
 def parse_id_column(df, column, path):
-    """Whole-number IDs; anything else names its line."""
+    """Whole-number IDs, each once (submissions and predictions are keyed by them); anything else
+    names its line."""
     values = parse_column(df, column, path, allow_nan=False)
+    first_line = {}
     for i, v in enumerate(values):
         if not (math.isfinite(v) and v == int(v)):
             raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a whole number')
+        if v in first_line:
+            raise DataError(f'{path}: line {i + 2}: {column} {int(v)} is on line {first_line[v]} too; '
+                            'each row needs its own ID')
+        first_line[v] = i + 2
     return values.astype(np.int64)
+
+
+def outside(rel_path):
+    """A file name that leaves the image folder it is relative to (absolute, or through '..')."""
+    return os.path.isabs(rel_path) or os.path.normpath(rel_path).split(os.sep)[0] == '..'
+
+
+def parse_paths(paths, column, path):
+    """Image names relative to their folder; one that reaches outside it names its line."""
+    for i, rel in enumerate(paths):
+        if outside(rel):
+            raise DataError(f'{path}: line {i + 2}: {column} {rel!r} is outside the image folder')
+    return list(paths)
 
 
 def read_labels(path):
@@ -198,13 +233,13 @@ def person_keys(names, paths):
 
 
 def read_clean(path):
-    """The CSV that clean_data.py writes."""
+    """The CSV that clean_data.py writes, checked as input: possible ages, paths inside the image folder."""
     df = read_csv_strict(path, CLEAN_COLUMNS)
     out = pd.DataFrame({
         'ID': parse_id_column(df, 'ID', path),
-        'path': df['path'],
-        'age': parse_column(df, 'age', path, allow_nan=False),
-        'gender': parse_column(df, 'gender', path),
+        'path': parse_paths(df['path'], 'path', path),
+        'age': parse_column(df, 'age', path, allow_nan=False, low=0, high=MAX_AGE),
+        'gender': parse_column(df, 'gender', path, low=0, high=1),
         'face_score': parse_column(df, 'face_score', path),
         'second_face_score': parse_column(df, 'second_face_score', path),
         'person': df['person'],
@@ -217,7 +252,7 @@ def read_judge(path):
     """wiki_judge.csv: ID and image file name (the other columns are optional metadata)."""
     df = read_csv_strict(path, JUDGE_COLUMNS)
     return pd.DataFrame({'ID': parse_id_column(df, 'ID', path),
-                         'path': [parse_list(p) for p in df['full_path']]})
+                         'path': parse_paths([parse_list(p) for p in df['full_path']], 'full_path', path)})
 
 
 # ----------------------------------------------------------------------------- images
@@ -254,7 +289,7 @@ def decode_image(path, photo=False):
             return np.asarray(im, dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
     except FileNotFoundError:
         return None, 'missing'
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f'unreadable: {type(e).__name__}: {e}'.strip()
 
 
@@ -265,7 +300,7 @@ def image_size(path):
         with Image.open(path) as im:
             w, h = im.size
             return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None
 
 
@@ -329,8 +364,21 @@ def save_cache(csv_path, rel_paths, images, ok, log=print):
             if (old.startswith(stem) and old.endswith('.npz') and '.tmp' not in old
                     and old != os.path.basename(cache)):
                 os.remove(os.path.join(folder, old))
-    except OSError as e:
+    except (UserError, OSError) as e:
         log(f'warning: could not write the image cache {cache} ({e}); decoding again next time')
+
+
+def place_images(images, device, log=print):
+    """The whole uint8 array on the GPU when it fits (0.6 GB for 60K faces), so that a batch is
+    gathered there without a copy; else in host memory (each batch is gathered and copied over)."""
+    images = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.numel() < free / 4:
+            return images.to(device)
+        log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has {free / 1e9:.1f} GB free')
+        return images
+    return images.to(device)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -394,9 +442,7 @@ def to_model_input(x, size, channels, generator=None, flip=False):
         cos, sin = p['angle'].cos(), p['angle'].sin()
         # The sampling grid built as (n, 2, size, size) planes and handed over as the (n, size, size, 2)
         # view grid_sample takes. F.affine_grid says the same in one call (tests/test_data.py checks
-        # that they agree), but its batched matmul of (n, size*size, 3) by (n, 3, 2) costs time: this
-        # whole function ran 1.3-1.8x slower with it on 2 CPU cores and 1.0-1.4x slower on an H200,
-        # at batches of 128 and 512 (timed 2026-11-29).
+        # that they agree), but its batched matmul is slower on CPUs and GPUs alike (RESULTS.md, Speed).
         base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres
         along_x = torch.stack([p['w'] * p['flip'] * cos, p['w'] * p['flip'] * sin], 1).view(n, 2, 1, 1)
         along_y = torch.stack([-p['h'] * sin, p['h'] * cos], 1).view(n, 2, 1, 1)

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from dataset import IMAGE_SIZE, LABEL_COLUMNS, HelpFormatter, parse_list, write_atomic, write_csv
+from cli import HelpFormatter
+from dataset import IMAGE_SIZE, LABEL_COLUMNS, parse_list, write_atomic, write_csv
 
 FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
          'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']

@@ -4,22 +4,37 @@ ImageNet-pretrained when the weights are on disk) with a one-number regression h
     python models.py                 # parameter counts and output shapes of both
 
 Both predict the age standardised by the training set's mean and standard deviation, which are
-stored in the model as buffers, so a checkpoint alone maps outputs back to years.
+stored in the model as buffers, so a checkpoint alone maps outputs back to years. Also here: the
+losses (DEX's beside its head), where and how a model runs (device, autocast, memory layout), and
+reading checkpoint and weights files, whose fields are checked once, when they are loaded.
 """
+import contextlib
+import math
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
+import dataset
+
 MODELS = ('cnn', 'resnet50')
 MIN_SIZE = {'cnn': 32, 'resnet50': 32}  # below this the feature maps vanish
+MAX_SIZE = 512  # the faces are 100x100: larger inputs only upsample them
 INPUT_CHANNELS = {'cnn': 1, 'resnet50': 3}  # ImageNet backbones expect RGB: grey is repeated
+AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
+AGE_BINS = 101  # DEX: one class for each age 0..100
+DEX_SIGMA = 3.0  # years: the width of DEX's Gaussian soft labels (wiki's ages are noisy by a few years)
 
 
-class WeightsError(Exception):
+class WeightsError(dataset.UserError):
     """--weights cannot be honoured; the message says what to do instead."""
+
+
+class CheckpointError(dataset.UserError):
+    """A checkpoint that is missing, refused or does not fit: the message names the file."""
 
 
 class FP32Linear(nn.Linear):
@@ -63,30 +78,6 @@ def cnn(outputs=1):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), FP32Linear(256, outputs))
 
 
-def imagenet_cache_file():
-    """Where torchvision's weights API looks for the ResNet-50 ImageNet weights (torch hub cache)."""
-    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
-    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
-
-
-def load_weights_file(path):
-    """A state dict from --weights FILE: torchvision's .pth, or one of this project's checkpoints.
-    weights_only=True: a file that carries pickled code is refused, and nothing in it runs."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f'--weights {path}: file not found') from None
-    except Exception as e:  # UnpicklingError for crafted files, RuntimeError for junk
-        raise WeightsError(f'--weights {path}: not a plain weights file ({type(e).__name__}); refusing to '
-                           'load it (files that carry Python objects could run code)') from None
-    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
-        state = {k.removeprefix('backbone.'): v for k, v in state['model'].items()
-                 if k.startswith('backbone.')}  # one of our checkpoints: reuse its backbone
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f'--weights {path}: expected a state dict of tensors')
-    return state
-
-
 def resnet50(weights='imagenet', outputs=1):
     """torchvision's ResNet-50 with its 1000-class layer replaced by `outputs` outputs."""
     # From scratch, each residual branch starts at zero (its last BN scale is 0), so the untrained
@@ -96,11 +87,10 @@ def resnet50(weights='imagenet', outputs=1):
         cache = imagenet_cache_file()
         if not os.path.exists(cache):  # never download: lab machines and CI may be offline
             raise WeightsError(
-                f'ImageNet weights for resnet50 are not in the torch hub cache: expected {cache}.\n'
-                '  Download them once on a machine with internet: python -c "import torchvision; '
-                'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')"\n'
-                '  and copy that file there, or choose --weights none (train from scratch) '
-                'or --weights FILE (a state dict you have).')
+                f'ImageNet weights for resnet50 are not in the torch hub cache: expected {cache}. Download them '
+                'once on a machine with internet (python -c "import torchvision; '
+                'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')") and copy that file there, or choose '
+                '--weights none (train from scratch) or --weights FILE (a state dict you have)')
         try:  # weights_only: the file may have been copied from elsewhere; nothing in it may run
             weights_api = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
             net.load_state_dict(weights_api.get_state_dict(progress=False, weights_only=True))
@@ -141,6 +131,165 @@ def build_model(name, weights='none', y_mean=0.0, y_std=1.0, bins=0):
     else:
         raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
     return AgeRegressor(net, y_mean, y_std, bins)
+
+
+# ----------------------------------------------------------------------------- losses
+
+class DEXLoss(nn.Module):
+    """Cross-entropy of the 101 age logits against a Gaussian around the true age (soft labels);
+    the prediction is the softmax's expected value (AgeRegressor.ages). Targets come in
+    standardised, like those of the regression losses."""
+
+    def __init__(self, y_mean, y_std, sigma=DEX_SIGMA):
+        super().__init__()
+        self.y_mean, self.y_std, self.sigma = y_mean, y_std, sigma
+
+    def forward(self, logits, y):
+        age = y * self.y_std + self.y_mean
+        bins = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+        soft = torch.softmax(-(bins - age[:, None]) ** 2 / (2 * self.sigma ** 2), dim=1)
+        return -(soft * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss, 'dex': DEXLoss}
+
+
+def make_criterion(name, y_mean, y_std):
+    """The loss `name` on standardised targets; DEX needs the scale to place its age bins."""
+    return LOSSES[name](y_mean, y_std) if name == 'dex' else LOSSES[name]()
+
+
+# ----------------------------------------------------------------------------- where a model runs
+
+def pick_device(name):
+    """--device: 'auto' takes a CUDA GPU, else Apple's MPS, else the CPU."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise dataset.UserError('--device cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False)')
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise dataset.UserError('--device mps but this torch has no MPS support')
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 where the GPU has it: same range as fp32, so no loss scaling; fp16 (scaled) otherwise.
+    The CPU computes in fp32 (without native bf16, bf16 there is many times slower)."""
+    if device.type == 'cuda':
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast('cuda', dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def place(model, device):
+    """The model on `device`, in channels-last memory (NHWC) on CUDA and on the CPU, where cuDNN's and
+    oneDNN's fastest convolutions read it (RESULTS.md, Speed); a convolution whose weights are
+    channels-last also computes a plain NCHW input that way, so the inputs need no conversion."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type in ('cuda', 'cpu') else model
+
+
+@contextlib.contextmanager
+def distributed(device_name, backend=None, timeout=None):
+    """Yields (rank, world_size, device). Under torchrun (RANK in the environment) one process per
+    GPU joins the process group, which is torn down on the way out, errors included.
+    backend: default nccl on GPUs, gloo on CPUs."""
+    if 'RANK' not in os.environ:
+        yield 0, 1, pick_device(device_name)
+        return
+    use_cuda = torch.cuda.is_available() and device_name != 'cpu'
+    dist.init_process_group(backend or ('nccl' if use_cuda else 'gloo'), timeout=timeout)
+    try:
+        if use_cuda:
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device('cpu')
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_file(path):
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts only. A file
+    that carries a pickled object (one that could run code when loaded) is refused, and nothing in
+    it runs. Every checkpoint and weights file of the project is read here."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: not found') from None
+    except Exception as e:  # UnpicklingError for crafted files, RuntimeError for junk, IsADirectoryError
+        raise CheckpointError(f'{path}: refused: not a plain file of tensors and numbers ({type(e).__name__}: '
+                              f'{str(e).splitlines()[0][:200] if str(e) else ""}); files that carry Python '
+                              'objects could run code') from None
+
+
+def save_file(path, obj):
+    """torch.save through a temporary file: a crash never leaves half a checkpoint."""
+    dataset.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+# What a best.pt must hold to rebuild its model, and what a last.pt adds for --resume.
+CHECKPOINT_FIELDS = {'model': dict, 'model_name': str, 'size': int, 'channels': int, 'y_mean': float}
+RESUME_FIELDS = {'args': dict, 'state': dict, 'optimizer': dict, 'scaler': dict, 'torch_rng': torch.Tensor}
+
+
+def check_checkpoint(ckpt, path, resumable=False):
+    """A checkpoint is input like any other file (copied, edited, from another version): every field
+    that rebuilds the model is checked here, once, and a bad one named with its file."""
+    def refuse(why):
+        raise CheckpointError(f'{path}: {why}; use a checkpoint that train.py or cv.py wrote')
+
+    if not isinstance(ckpt, dict):
+        refuse('not a checkpoint of this project')
+    fields = {**CHECKPOINT_FIELDS, **(RESUME_FIELDS if resumable else {})}
+    for field, kind in fields.items():
+        if field not in ckpt:
+            refuse(f'no {field!r} in it')
+        value = ckpt[field]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+            refuse(f'{field} = {str(value)[:50]!r} is not {"a finite number" if kind is float else kind.__name__}')
+    if not all(isinstance(v, torch.Tensor) for v in ckpt['model'].values()):
+        refuse('its model is not a state dict of tensors')
+    name, size = ckpt['model_name'], ckpt['size']
+    if name not in MODELS:
+        refuse(f'unknown model {name!r} (this project has {", ".join(MODELS)})')
+    if not MIN_SIZE[name] <= size <= MAX_SIZE:
+        refuse(f'size {size} is outside {MIN_SIZE[name]}..{MAX_SIZE} px')
+    if ckpt['channels'] != INPUT_CHANNELS[name]:
+        refuse(f'channels {ckpt["channels"]} but a {name} takes {INPUT_CHANNELS[name]}')
+    if ckpt.get('bins', 0) not in (0, AGE_BINS):
+        refuse(f'bins {ckpt["bins"]!r} is neither 0 (regression) nor {AGE_BINS} (DEX)')
+    return ckpt
+
+
+def load_checkpoint(path, resumable=False):
+    """A best.pt (or with resumable=True a last.pt), read safely and checked."""
+    return check_checkpoint(load_file(path), path, resumable)
+
+
+def load_weights_file(path):
+    """A state dict from --weights FILE: torchvision's .pth, or one of this project's checkpoints."""
+    try:
+        state = load_file(path)
+    except CheckpointError as e:
+        raise WeightsError(f'--weights {e}') from None
+    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
+        state = {k.removeprefix('backbone.'): v for k, v in state['model'].items()
+                 if k.startswith('backbone.')}  # one of our checkpoints: reuse its backbone
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f'--weights {path}: expected a state dict of tensors')
+    return state
+
+
+def imagenet_cache_file():
+    """Where torchvision's weights API looks for the ResNet-50 ImageNet weights (torch hub cache)."""
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
 
 
 if __name__ == '__main__':

@@ -15,6 +15,10 @@ as such. --labels (columns file,age) also scores them: RMSE, MAE, R^2 and RMSE p
 Every image goes through the preprocessing of validation in train.py (grey, 100x100, the same
 normalisation), and horizontal-flip test-time augmentation averages each face with its mirror
 image. A photo is first turned upright by its EXIF orientation and centre-cropped to a square.
+
+`predict_ages` at the top is THE prediction path: train.py's validation and cv.py's out-of-fold
+predictions call it too, so a checkpoint gives the same ages here as in the run that made it.
+Every input (checkpoints, CSVs, images) is checked before the first output is written.
 """
 import argparse
 import os
@@ -24,10 +28,66 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cli
 import dataset
+import metrics
 import models
-import train
 
+
+# ----------------------------------------------------------------------------- the prediction path
+
+def eval_batch(train_batch, device):
+    """Images per evaluation batch: no gradients are kept and each layer's activations are freed as
+    the next is computed, so on a GPU it can be large, which saves kernel launches; on the CPU
+    larger batches only leave the caches."""
+    return max(2 * train_batch, 1024) if device.type == 'cuda' else 2 * train_batch
+
+
+@torch.inference_mode()
+def predict_ages(model, images, rows, size, channels, batch_size, device, tta=False):
+    """Ages in years for images[rows] (uint8 faces, on any device). tta=True averages each face
+    with its mirror image. Clipped to the ages the clean data holds."""
+    model.eval()
+    out = []
+    rows = torch.as_tensor(rows)
+    views = (False, True) if tta else (False,)
+    for start in range(0, len(rows), batch_size):
+        x_u8 = images.index_select(0, rows[start:start + batch_size].to(images.device)).to(device, non_blocking=True)
+        total = 0
+        for flip in views:
+            with models.autocast(device):
+                total = total + model.ages(model(dataset.to_model_input(x_u8, size, channels, flip=flip)))
+        out.append((total / len(views)).clamp(*models.AGE_RANGE))
+    return torch.cat(out).float().cpu() if out else torch.empty(0)
+
+
+def load_model(path, device):
+    """Rebuild a model from its checkpoint alone: (model on device, the checkpoint's other fields)."""
+    ckpt = models.load_checkpoint(path)
+    model = models.build_model(ckpt['model_name'], weights='none', bins=ckpt.get('bins', 0))
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
+        raise models.CheckpointError(f'{path}: its weights do not fit a {ckpt["model_name"]} '
+                                     f'({str(e).splitlines()[-1].strip()[:200]})') from None
+    return models.place(model, device), ckpt
+
+
+def ensemble_ages(checkpoints, images, device, batch_size, tta):
+    """Ages for every image (uint8 tensor (N, 100, 100)), the mean over the models, and the mean
+    of their training ages (the guess for a face that cannot be read)."""
+    total, mean_age = torch.zeros(len(images)), 0.0
+    for path in checkpoints:
+        model, ckpt = load_model(path, device)
+        total += predict_ages(model, images, np.arange(len(images)), ckpt['size'], ckpt['channels'], batch_size,
+                              device, tta=tta)
+        mean_age += ckpt['y_mean'] / len(checkpoints)
+        print(f'{path}: {ckpt["model_name"]} at {ckpt["size"]} px, val RMSE {ckpt.get("val_rmse", float("nan")):.3f}',
+              flush=True)
+    return (total / len(checkpoints)).numpy(), mean_age
+
+
+# ----------------------------------------------------------------------------- the command
 
 def checkpoint_files(paths):
     """Expand run directories: a train.py run gives its best.pt, a cv.py run its fold models."""
@@ -46,26 +106,6 @@ def checkpoint_files(paths):
     return files
 
 
-def load_model(path, device):
-    """Rebuild a model from a checkpoint alone (weights_only: nothing in the file can run code)."""
-    ckpt = train.load_checkpoint(path)
-    for key in ('model', 'model_name', 'size', 'channels'):
-        if key not in ckpt:
-            raise train.CheckpointError(f'{path}: not a checkpoint of this project (no {key!r})')
-    if ckpt['model_name'] not in models.MODELS:
-        raise train.CheckpointError(f'{path}: unknown model {ckpt["model_name"]!r}')
-    model = models.build_model(ckpt['model_name'], weights='none', bins=ckpt.get('bins', 0))
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
-        raise train.CheckpointError(f'{path}: its weights do not fit a {ckpt["model_name"]} '
-                                    f'({str(e).splitlines()[-1].strip()[:200]})') from None
-    model = model.to(device)
-    if train.channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
-
-
 def test_table(files, data_dir):
     """IDs and image files to predict: the judge CSV, restricted to sample_submission's IDs if present."""
     dataset.require(files, data_dir, 'judge', 'judge_images')
@@ -77,31 +117,15 @@ def test_table(files, data_dir):
         no_file = judge['path'].isna()
         judge.loc[no_file, 'path'] = [f'{i}.png' for i in judge.index[no_file]]  # Kaggle names them ID.png
         judge = judge.reset_index()
-    if judge['ID'].duplicated().any():
-        raise dataset.DataError(f'{files["judge"]}: duplicate IDs {judge["ID"][judge["ID"].duplicated()].tolist()[:5]}')
     return judge.sort_values('ID').reset_index(drop=True)
 
 
-def predict_ages(checkpoints, images, device, batch_size, tta):
-    """Ages for every image (uint8 tensor (N, 100, 100)), the mean over the models, and the mean
-    of their training ages (the guess for a face that cannot be read)."""
-    total, mean_age = torch.zeros(len(images)), 0.0
-    for path in checkpoints:
-        model, ckpt = load_model(path, device)
-        total += train.predict(model, images, np.arange(len(images)), ckpt['size'], ckpt['channels'], batch_size,
-                               device, tta=tta)
-        mean_age += ckpt['y_mean'] / len(checkpoints)
-        print(f'{path}: {ckpt["model_name"]} at {ckpt["size"]} px, val RMSE {ckpt.get("val_rmse", float("nan")):.3f}',
-              flush=True)
-    return (total / len(checkpoints)).numpy(), mean_age
-
-
-def kaggle_submission(args, checkpoints, device):
-    files = dataset.find_files(args.data)
+def kaggle_submission(args, files, checkpoints, device):
+    """--data: one row of ID, age for each test ID; a missing or unreadable image gets the mean age."""
     judge = test_table(files, args.data)
     images, problems = dataset.decode_all([os.path.join(files['judge_images'], p) for p in judge['path']])
     bad = np.array([not dataset.usable(p) for p in problems])
-    age, mean_age = predict_ages(checkpoints, torch.from_numpy(images), device, args.batch_size, not args.no_tta)
+    age, mean_age = ensemble_ages(checkpoints, torch.from_numpy(images), device, args.batch_size, not args.no_tta)
     if bad.any():
         age[bad] = mean_age  # the RMSE-optimal guess without a picture
         print(f'warning: {int(bad.sum())} test image(s) missing or unreadable, predicted the training mean '
@@ -140,10 +164,8 @@ def framing_hints(files, ok):
     return hints
 
 
-def photo_predictions(args, checkpoints, device):
-    """--images: (table of path, age for the readable images, list of (path, problem) unreadable)."""
-    skip = {os.path.abspath(args.labels)} if args.labels else set()
-    files = find_images(args.images, skip)
+def photo_predictions(args, files, checkpoints, device):
+    """--images: the table of path, age for the readable files; the unreadable ones are listed."""
     print(f'{len(files)} file(s) to read', flush=True)
     images, problems = dataset.decode_all(files, photo=True)
     ok = np.array([dataset.usable(p) for p in problems])
@@ -151,7 +173,7 @@ def photo_predictions(args, checkpoints, device):
         raise dataset.DataError(f'--images {" ".join(args.images)}: none of the {len(files)} file(s) can be read '
                                 f'as an image (first: {files[0]}: {problems[0]})')
     age = np.full(len(files), np.nan)
-    age[ok], _ = predict_ages(checkpoints, torch.from_numpy(images[ok]), device, args.batch_size, not args.no_tta)
+    age[ok], _ = ensemble_ages(checkpoints, torch.from_numpy(images[ok]), device, args.batch_size, not args.no_tta)
     width = max(len(f) for f in files)
     print(f'\n{"file":<{width}}  age')
     for path, a, problem in zip(files, age, problems):
@@ -160,21 +182,26 @@ def photo_predictions(args, checkpoints, device):
     if hints:
         print('\nhint: these look uncropped; ages are best for faces framed like the training crops (README, '
               '"Your own photos"):\n  ' + '\n  '.join(hints))
-    unreadable = [(f, p) for f, p, good in zip(files, problems, ok) if not good]
+    unreadable = [f for f, good in zip(files, ok) if not good]
     if unreadable:
         print(f'warning: {len(unreadable)} file(s) could not be read as images and are not in the CSV: '
-              + ', '.join(f for f, _ in unreadable), file=sys.stderr)
+              + ', '.join(unreadable), file=sys.stderr)
     return pd.DataFrame({'path': np.asarray(files)[ok], 'age': np.round(age[ok], 4)})
 
 
-def score_labels(args, table, out):
-    """--labels: RMSE, MAE, R^2 and RMSE per decade of the labelled images found; plots beside out."""
-    labels = dataset.read_csv_strict(args.labels, ['file', 'age'])
-    ages = dataset.parse_column(labels, 'age', args.labels, allow_nan=False)
+def read_age_labels(path):
+    """--labels: the file,age CSV, read and checked before anything is predicted or written."""
+    labels = dataset.read_csv_strict(path, ['file', 'age'])
+    return labels.assign(age=dataset.parse_column(labels, 'age', path, allow_nan=False, low=0, high=dataset.MAX_AGE))
+
+
+def match_labels(args, labels, table):
+    """(true ages, predicted ages) of the labelled files that were read. A name is relative to an
+    --images folder or to the labels file's folder, or absolute. None found is an error."""
     folders = [p for p in args.images if os.path.isdir(p)] + [os.path.dirname(os.path.abspath(args.labels))]
     where = {os.path.abspath(p): i for i, p in enumerate(table['path'])}
     found, truth, missed = [], [], []
-    for name, age in zip(labels['file'], ages):
+    for name, age in zip(labels['file'], labels['age']):
         candidates = [name] if os.path.isabs(name) else [os.path.join(f, name) for f in folders]
         row = next((where[os.path.abspath(c)] for c in candidates if os.path.abspath(c) in where), None)
         if row is None:
@@ -182,29 +209,32 @@ def score_labels(args, table, out):
         else:
             found.append(row)
             truth.append(age)
-    print(f'\nlabels: {len(found)} of {len(labels)} labelled image(s) found and predicted, {len(missed)} missed'
-          + (f' (not found or unreadable: {", ".join(missed[:10])}{" ..." if len(missed) > 10 else ""})'
-             if missed else ''))
     if not found:
         raise dataset.DataError(f'{args.labels}: none of its files is among the images read; file names are '
                                 'relative to the --images folder or to the labels file, or absolute')
-    pred, truth = table['age'].to_numpy()[found], np.asarray(truth)
-    m = train.metrics_from_sums(train.metric_sums(torch.tensor(pred), torch.tensor(truth)))
+    print(f'\nlabels: {len(found)} of {len(labels)} labelled image(s) found and predicted, {len(missed)} missed'
+          + (f' (not found or unreadable: {", ".join(missed[:10])}{" ..." if len(missed) > 10 else ""})'
+             if missed else ''))
+    return np.asarray(truth), table['age'].to_numpy()[found]
+
+
+def report_labels(labels_path, truth, pred, out):
+    """RMSE, MAE, R^2 and RMSE per decade of the labelled images; the two plots beside `out`."""
+    m = metrics.scores(truth, pred)
     print(f'RMSE {m["rmse"]:.3f}  MAE {m["mae"]:.3f}  R^2 {m["r2"]:.3f}  (n={m["n"]})')
     print('RMSE by decade of the true age: ' + ', '.join(
-        f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name, v in train.rmse_by_decade(truth, pred).items()))
-    warning = train.collapse_warning(truth, pred)
+        f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name, v in metrics.rmse_by_decade(truth, pred).items()))
+    warning = metrics.collapse_warning(truth, pred)
     if warning:
         print(warning)
     stem = os.path.splitext(out)[0]
-    title = f'{os.path.basename(args.labels)}, {len(found)} labelled images'
-    train.plot_predictions(f'{stem}_vs_actual.png', truth, pred, title)
-    train.plot_error_by_decade(f'{stem}_by_decade.png', truth, pred, title)
+    metrics.plot_both(f'{stem}_vs_actual.png', f'{stem}_by_decade.png', truth, pred,
+                      f'{os.path.basename(labels_path)}, {len(truth)} labelled images')
     print(f'wrote {stem}_vs_actual.png and {stem}_by_decade.png')
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dataset.HelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument('--checkpoint', nargs='+', required=True, help='best.pt files or run directories')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--data', help='Kaggle folder with wiki_judge.csv and wiki_judge_images/: the submission')
@@ -212,34 +242,43 @@ def main(argv=None):
     parser.add_argument('--labels', metavar='CSV', help='with --images: a CSV of file,age to score the predictions')
     parser.add_argument('--out', help='the CSV to write (default: submission.csv with --data, predictions.csv '
                                       'with --images)')
-    parser.add_argument('--batch-size', type=int, default=256, help='images per forward pass')
+    parser.add_argument('--batch-size', type=cli.number(int, at_least=1), default=256, help='images per forward pass')
     parser.add_argument('--no-tta', action='store_true', help='no horizontal-flip test-time augmentation')
-    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda', 'mps'), help='where to run')
+    cli.add_device(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error(f'--batch-size must be positive, got {args.batch_size}')
     if args.labels and not args.images:
         parser.error('--labels scores --images; for the Kaggle test set there are no labels')
     out = args.out or ('submission.csv' if args.data else 'predictions.csv')
-    device = train.pick_device(args.device)
-    try:
+
+    def work():
+        device = models.pick_device(args.device)
         checkpoints = checkpoint_files(args.checkpoint)
-        table = (kaggle_submission if args.data else photo_predictions)(args, checkpoints, device)
-        dataset.write_csv(table, out)
+        labels = read_age_labels(args.labels) if args.labels else None
+        if args.data:
+            files = dataset.find_files(args.data)
+            inputs = [files['judge'], files['sample_submission']]
+        else:
+            photos = find_images(args.images, skip={os.path.abspath(args.labels)} if args.labels else set())
+            inputs = photos + [args.labels]
+        stem = os.path.splitext(out)[0]
+        for written in [out] + ([f'{stem}_vs_actual.png', f'{stem}_by_decade.png'] if labels is not None else []):
+            cli.refuse_overwriting_inputs(parser, '--out', written, inputs + checkpoints)
+        if args.data:
+            table = kaggle_submission(args, files, checkpoints, device)
+        else:
+            table = photo_predictions(args, photos, checkpoints, device)
+        scored = match_labels(args, labels, table) if labels is not None else None
+        dataset.write_csv(table, out)  # every input is checked: now the outputs
         print(f'wrote {len(table)} rows to {out} (mean age {table["age"].mean():.1f}, {len(checkpoints)} model(s), '
               f'flip TTA {"off" if args.no_tta else "on"})')
-        if args.labels:
-            score_labels(args, table, out)
-    except (dataset.DataError, models.WeightsError, train.CheckpointError) as e:
-        train.error(e)
-        return 1
-    except torch.OutOfMemoryError:
-        train.error(f'out of GPU memory at --batch-size {args.batch_size}; try --batch-size {max(1, args.batch_size // 2)}')
-        return 1
-    except OSError as e:
-        train.error(f'cannot write {e.filename or out}: {e.strerror or e}; choose another place with --out')
-        return 1
-    return 0
+        if scored is not None:
+            report_labels(args.labels, *scored, out)
+    return cli.run(work, batch_size=args.batch_size)
 
 
 if __name__ == '__main__':

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import cv
+import models
 import predict
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,7 +193,7 @@ def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monk
         def forward(self, out, y):
             return super().forward(out, y) * float('nan')
 
-    monkeypatch.setitem(train.LOSSES, 'mse', NaNLoss)
+    monkeypatch.setitem(models.LOSSES, 'mse', NaNLoss)
     out = str(tmp_path / 'run')
     assert cv.main(['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--grid', 'loss=mse,smoothl1',
                     '--out-dir', out]) == 0

@@ -17,7 +17,7 @@ from PIL import Image
 
 import clean_data
 import dataset
-import train
+import metrics
 
 HEADER = ('ID,dob,dob_str,photo_taken,full_path,gender,name,face_location,face_score,'
           'second_face_score,age\n')
@@ -39,42 +39,29 @@ def face(seed, shape=(100, 100)):
 def test_metrics_match_numpy_formulas():
     rng = np.random.default_rng(0)
     y = rng.uniform(1, 90, 257)
-    pred = y + rng.normal(0, 8, y.size)
-    m = train.metrics_from_sums(train.metric_sums(torch.tensor(pred), torch.tensor(y)))
-    err = pred - y
+    pred = (y + rng.normal(0, 8, y.size)).astype(np.float32)  # predictions come as float32
+    m = metrics.scores(y, pred)
+    err = pred.astype(np.float64) - y
     assert m['n'] == 257
     assert m['rmse'] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-12)
     assert m['mae'] == pytest.approx(np.mean(np.abs(err)), rel=1e-12)
     r2 = 1 - np.sum(err ** 2) / np.sum((y - y.mean()) ** 2)
     assert m['r2'] == pytest.approx(r2, rel=1e-9)
     assert 0.5 < m['r2'] < 1  # a sane regime, so the comparison above is not of two trivial values
-
-
-def test_metric_sums_over_batches_equal_the_whole():
-    rng = np.random.default_rng(1)
-    y = torch.tensor(rng.uniform(1, 90, 100), dtype=torch.float32)
-    pred = y + torch.tensor(rng.normal(0, 5, 100), dtype=torch.float32)
-    whole = train.metrics_from_sums(train.metric_sums(pred, y))
-    sums = sum(train.metric_sums(pred[a:b], y[a:b]) for a, b in ((0, 7), (7, 64), (64, 100)))
-    parts = train.metrics_from_sums(sums)
-    for key in ('rmse', 'mae', 'r2'):
-        assert parts[key] == pytest.approx(whole[key], rel=1e-10)
-    assert parts['n'] == 100
-    # Averaging per-batch RMSEs (what the sums avoid) gives a different number here.
-    per_batch = np.mean([train.metrics_from_sums(train.metric_sums(pred[a:b], y[a:b]))['rmse']
-                         for a, b in ((0, 7), (7, 64), (64, 100))])
-    assert abs(per_batch - whole['rmse']) > 1e-3
+    # Averaging per-batch RMSEs (what scoring whole arrays avoids) gives another number.
+    per_batch = np.mean([metrics.scores(y[a:b], pred[a:b])['rmse'] for a, b in ((0, 7), (7, 64), (64, 257))])
+    assert abs(per_batch - m['rmse']) > 1e-3
 
 
 def test_r2_edge_values():
-    y = torch.tensor([10.0, 20.0, 30.0, 40.0])
-    assert train.metrics_from_sums(train.metric_sums(y.clone(), y))['r2'] == pytest.approx(1.0)
-    mean_pred = torch.full_like(y, 25.0)
-    m = train.metrics_from_sums(train.metric_sums(mean_pred, y))
+    y = np.array([10.0, 20.0, 30.0, 40.0])
+    assert metrics.scores(y, y.copy())['r2'] == pytest.approx(1.0)
+    m = metrics.scores(y, np.full_like(y, 25.0))
     assert m['r2'] == pytest.approx(0.0, abs=1e-12)
     assert m['rmse'] == pytest.approx(math.sqrt(125.0))
     assert m['mae'] == pytest.approx(10.0)
-    assert math.isnan(train.metrics_from_sums(train.metric_sums(y, torch.full_like(y, 7.0)))['r2'])
+    assert math.isnan(metrics.scores(np.full(4, 7.0), y)['r2'])  # all true ages equal: R^2 undefined
+    assert metrics.scores([], [])['n'] == 0 and math.isnan(metrics.scores([], [])['rmse'])
 
 
 # ----------------------------------------------------------------------------- CSV parsers

@@ -85,7 +85,7 @@ def test_weights_file_of_another_architecture(tiny_data, tmp_path, capsys):
 
 def test_predict_checkpoint_that_does_not_fit_its_model(tiny_data, trained, tmp_path, capsys):
     ckpt = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)
-    ckpt['model_name'] = 'resnet50'  # a cnn's weights under the other model's name
+    ckpt.update(model_name='resnet50', channels=3)  # a cnn's weights under the other model's name
     bad = tmp_path / 'best.pt'
     torch.save(ckpt, bad)
     out = tmp_path / 'sub.csv'
@@ -120,7 +120,7 @@ def test_predict_fold_models_without_checkpoint_column(tiny_data, tmp_path, caps
 def test_predict_out_of_memory_suggests_a_batch_size(tiny_data, trained, tmp_path, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB')
-    monkeypatch.setattr(train, 'predict', oom)
+    monkeypatch.setattr(predict, 'predict_ages', oom)
     out = tmp_path / 'sub.csv'
     assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out), '--device', 'cpu',
                          '--batch-size', '64']) == 1
@@ -176,7 +176,7 @@ def test_clean_data_write_error_names_the_output(tiny_data, tmp_path, capsys):
     out = blocker / 'clean.csv'
     assert clean_data.main(['--data', tiny_data, '--out', str(out), '--no-image-check']) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert f'cannot write {out}' in line and 'choose another place with --out' in line
+    assert f'cannot write {out}: its folder {blocker} cannot be made' in line
 
 
 def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, monkeypatch, capsys):

@@ -12,8 +12,8 @@ from PIL import Image
 
 import dataset
 import demo_data
+import metrics
 import predict
-import train
 
 def face(age=40.0, seed=0):
     return demo_data.draw_face(np.random.default_rng(seed), age, True)
@@ -173,10 +173,10 @@ def test_train_run_has_the_error_by_decade(trained):
 def test_collapse_warning_for_one_age_for_everyone_only():
     rng = np.random.default_rng(0)
     age = rng.uniform(5, 90, 500)
-    assert 'collapsed towards the mean age 36.0' in train.collapse_warning(age, np.full(500, 36.0))
-    assert 'collapsed' in train.collapse_warning(age, age.mean() + (age - age.mean()) * 0.2)
-    assert train.collapse_warning(age, age + rng.normal(0, 8, 500)) is None
-    assert train.collapse_warning(age, age.mean() + (age - age.mean()) * 0.5) is None
+    assert 'collapsed towards the mean age 36.0' in metrics.collapse_warning(age, np.full(500, 36.0))
+    assert 'collapsed' in metrics.collapse_warning(age, age.mean() + (age - age.mean()) * 0.2)
+    assert metrics.collapse_warning(age, age + rng.normal(0, 8, 500)) is None
+    assert metrics.collapse_warning(age, age.mean() + (age - age.mean()) * 0.5) is None
 
 
 def test_labels_with_a_constant_model_warn(trained, tmp_path, monkeypatch, capsys):
@@ -186,7 +186,7 @@ def test_labels_with_a_constant_model_warn(trained, tmp_path, monkeypatch, capsy
         Image.fromarray(face(age=a, seed=i)).save(folder / f'{i}.png')
     pd.DataFrame({'file': [f'{i}.png' for i in range(5)], 'age': [10, 30, 50, 70, 90]}).to_csv(
         tmp_path / 'l.csv', index=False)
-    monkeypatch.setattr(train, 'predict', lambda model, images, rows, *a, **k: torch.full((len(rows),), 37.0))
+    monkeypatch.setattr(predict, 'predict_ages', lambda model, images, rows, *a, **k: torch.full((len(rows),), 37.0))
     assert run_images(trained, [folder], tmp_path / 'p.csv', '--labels', str(tmp_path / 'l.csv')) == 0
     assert 'collapsed towards the mean age 37.0' in capsys.readouterr().out
 
@@ -199,7 +199,7 @@ def test_framing_picture_is_drawn(tmp_path):
 
 def test_rmse_by_decade_names_and_numbers():
     age, pred = np.array([5.0, 15, 17.5, 95, 100]), np.array([7.0, 15, 20.5, 80, 90])
-    by_decade = train.rmse_by_decade(age, pred)
+    by_decade = metrics.rmse_by_decade(age, pred)
     assert list(by_decade) == ['0-9', '10-19', '90+']  # empty decades are left out; 100 counts as 90+
     assert by_decade['0-9'] == {'rmse': 2.0, 'n': 1}
     assert by_decade['10-19'] == {'rmse': pytest.approx(np.sqrt(9 / 2)), 'n': 2}

@@ -14,8 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import clean_data
+import cli
 import dataset
 import demo_data
+import models
 import predict
 import train
 
@@ -137,13 +140,14 @@ def test_existing_run_directory_is_not_overwritten(tiny_data, trained, capsys):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--lr', '-1'], '--lr must be positive'),
-    (['--batch-size', '0'], '--batch-size must be positive'),
+    (['--lr', '-1'], '--lr: must be > 0, got -1'),
+    (['--batch-size', '0'], '--batch-size: must be >= 1, got 0'),
     (['--model', 'vgg16'], "invalid choice: 'vgg16'"),
     (['--loss', 'huber'], "invalid choice: 'huber'"),
     (['--size', '8'], '--size 8 is too small'),
-    (['--val-frac', '0.9'], '--val-frac must be in'),
-    (['--epochs', '0'], '--epochs must be positive'),
+    (['--val-frac', '0.9'], '--val-frac: must be <= 0.5, got 0.9'),
+    (['--epochs', '0'], '--epochs: must be >= 1, got 0'),
+    (['--weight-decay', 'nan'], "--weight-decay: 'nan' is not a finite number"),
 ])
 def test_impossible_options_are_usage_errors(tiny_data, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -187,7 +191,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_d
             loss = super().forward(out, y)
             return loss * float('nan') if calls['n'] == 9 else loss  # epoch 2 of 6-step epochs, step 3
 
-    monkeypatch.setitem(train.LOSSES, 'mse', PoisonedMSE)
+    monkeypatch.setitem(models.LOSSES, 'mse', PoisonedMSE)
     out = tmp_path / 'run'
     assert run_train(tiny_data, out, '--loss', 'mse', '--epochs', '3') == 1
     captured = capsys.readouterr()
@@ -309,10 +313,9 @@ def test_a_time_limited_run_decays_to_zero_at_the_limit(tiny_data, tmp_path):
 
 
 def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_when_pretrained():
-    import models
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    args = train.parse_args(parser, ['--model', 'resnet50', '--weights', 'none', '--weight-decay', '0.05'])
+    cli.add_train_options(parser)
+    args = cli.parse_args(parser, ['--model', 'resnet50', '--weights', 'none', '--weight-decay', '0.05'])
     model = models.build_model('resnet50', 'none')
     optimizer, _ = train.build_optimizer(model, args, torch.device('cpu'))
     decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05 for p in g['params']}
@@ -332,21 +335,20 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
 
 
 def test_ema_weights_are_validated_and_saved(tiny_data, tmp_path, monkeypatch):
-    import models
     seen, validated = {}, set()
-    real_finish, real_predict = train.finish, train.predict
+    real_finish, real_predict = train.finish, predict.predict_ages
 
-    def finish(run, stopped, start):
-        seen['raw'] = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
-        seen['ema'] = {k: v.clone() for k, v in run.ema.module.state_dict().items()}
-        seen['ema_id'] = id(run.ema.module)
-        return real_finish(run, stopped, start)
+    def finish(run, stopped):
+        seen['raw'] = {k: v.clone() for k, v in run.learner.model.state_dict().items()}
+        seen['ema'] = {k: v.clone() for k, v in run.learner.ema.module.state_dict().items()}
+        seen['ema_id'] = id(run.learner.ema.module)
+        return real_finish(run, stopped)
 
-    def predict(model, *a, **k):
+    def counting_predict(model, *a, **k):
         validated.add(id(model))
         return real_predict(model, *a, **k)
     monkeypatch.setattr(train, 'finish', finish)
-    monkeypatch.setattr(train, 'predict', predict)
+    monkeypatch.setattr(predict, 'predict_ages', counting_predict)
     assert run_train(tiny_data, tmp_path / 'val', '--ema', '0.9', '--epochs', '2') == 0
     assert validated == {seen['ema_id']}  # validation scores the average, never the raw weights
     out = tmp_path / 'final'  # without validation best.pt is the last epoch's: compare it exactly
@@ -372,12 +374,11 @@ def test_dex_predicts_an_expected_age_and_its_loss_falls(tiny_data, tmp_path):
     sub = tmp_path / 'sub.csv'
     assert predict.main(['--checkpoint', str(out), '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
     assert pd.read_csv(sub)['age'].between(0, 100).all()
-    loss = train.DEXLoss(y_mean=40.0, y_std=10.0)
+    loss = models.DEXLoss(y_mean=40.0, y_std=10.0)
     logits = torch.zeros(2, 101)
     logits[0, 30], logits[1, 60] = 20.0, 20.0  # confident at 30 and at 60
     y = (torch.tensor([30.0, 60.0]) - 40) / 10
     assert loss(logits, y) < loss(logits.flip(0), y)  # right ages cost less than swapped ones
-    import models
     model = models.build_model('cnn', bins=101)
     assert model.ages(logits).tolist() == pytest.approx([30.0, 60.0], abs=1e-3)
 
@@ -401,7 +402,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, t
 
     def worsening(run):  # the real evaluation, with an RMSE that gets worse after epoch 1
         metrics, pred = real(run)
-        return {**metrics, 'rmse': 10.0 + run.state['epoch']}, pred
+        return {**metrics, 'rmse': 10.0 + run.progress.epoch}, pred
     monkeypatch.setattr(train, 'evaluate', worsening)
     out = tmp_path / 'run'
     assert run_train(tiny_data, out, '--epochs', '10', '--patience', '2') == 0
@@ -412,21 +413,20 @@ def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, t
 
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     torch.manual_seed(0)
-    import models
     model = models.build_model('cnn', 'none', y_mean=40.0, y_std=5.0)
     images = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
     rows = np.arange(6)
     args = (rows, 48, 1, 4, torch.device('cpu'))
-    plain = train.predict(model, images, *args)
-    mirrored = train.predict(model, images.flip(-1), *args)
-    both = train.predict(model, images, *args, tta=True)
+    plain = predict.predict_ages(model, images, *args)
+    mirrored = predict.predict_ages(model, images.flip(-1), *args)
+    both = predict.predict_ages(model, images, *args, tta=True)
     assert (plain - mirrored).abs().max() > 0.01  # the mirror image gives another age
     torch.testing.assert_close(both, (plain + mirrored) / 2)
 
 
 def test_balance_weights_equalise_genders_and_keep_unknown():
     gender = np.array([1, 1, 1, 1, 1, 1, 0, 0, np.nan, np.nan])
-    w = train.sample_weights(gender).numpy()
+    w = clean_data.draw_weights(gender).numpy()
     assert w[gender == 1].sum() == pytest.approx(w[gender == 0].sum())
     assert w[gender == 1].sum() + w[gender == 0].sum() == pytest.approx(8)
     np.testing.assert_array_equal(w[np.isnan(gender)], [1, 1])
@@ -476,28 +476,28 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path):
 
 def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    assert train.parse_args(parser, ['--model', 'cnn']).weights == 'none'
-    assert train.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
-    assert train.parse_args(parser, ['--model', 'cnn']).size == 64  # input size: per model too
-    assert train.parse_args(parser, ['--model', 'resnet50']).size == 100
+    cli.add_train_options(parser)
+    assert cli.parse_args(parser, ['--model', 'cnn']).weights == 'none'
+    assert cli.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
+    assert cli.parse_args(parser, ['--model', 'cnn']).size == 64  # input size: per model too
+    assert cli.parse_args(parser, ['--model', 'resnet50']).size == 100
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    assert train.parse_args(parser, ['--demo', '--size=48']).size == 48
+    cli.add_train_options(parser)
+    assert cli.parse_args(parser, ['--demo', '--size=48']).size == 48
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    args = train.parse_args(parser, ['--demo', '--model', 'resnet50'])
+    cli.add_train_options(parser)
+    args = cli.parse_args(parser, ['--demo', '--model', 'resnet50'])
     assert (args.model, args.size, args.weights, args.batch_size) == ('resnet50', 32, 'none', 48)
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    args = train.parse_args(parser, ['--demo', '--epochs', '3'])
+    cli.add_train_options(parser)
+    args = cli.parse_args(parser, ['--demo', '--epochs', '3'])
     assert (args.model, args.size, args.epochs, args.time_limit, args.batch_size) == ('cnn', 64, 3, 2.5, 32)
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    assert train.parse_args(parser, ['--demo', '--model', 'resnet50', '--batch-size', '16']).batch_size == 16
+    cli.add_train_options(parser)
+    assert cli.parse_args(parser, ['--demo', '--model', 'resnet50', '--batch-size', '16']).batch_size == 16
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    args = train.parse_args(parser, ['--demo', '--epoch', '4', '--mod', 'resnet50'])  # abbreviated flags win too
+    cli.add_train_options(parser)
+    args = cli.parse_args(parser, ['--demo', '--epoch', '4', '--mod', 'resnet50'])  # abbreviated flags win too
     assert (args.model, args.size, args.epochs) == ('resnet50', 32, 4)
 
 
@@ -511,10 +511,10 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
 sys.path.insert(0, {ROOT!r})
 import train
 real = train.finish
-def finish(run, stopped, start):
-    result = real(run, stopped, start)
+def finish(run, stopped):
+    result = real(run, stopped)
     keys = ('val_rmse', 'val_mae', 'val_r2', 'best_epoch', 'epochs_run', 'stopped')
-    history = [(round(r['val_rmse'], 9), round(r['train_loss'], 6)) for r in run.state['history']]
+    history = [(round(r['val_rmse'], 9), round(r['train_loss'], 6)) for r in run.progress.history]
     print('RESULT', run.rank, json.dumps({{k: result[k] for k in keys}}), history, flush=True)
     return result
 train.finish = finish
@@ -545,20 +545,28 @@ def test_torchrun_cv_spreads_the_folds_over_two_processes(tiny_data, tmp_path):
 
 def test_batch_size_default_follows_the_device_and_the_flag_wins(monkeypatch):
     parser = argparse.ArgumentParser()
-    train.add_train_options(parser)
-    assert train.parse_args(parser, ['--device', 'cpu']).batch_size == train.CPU_BATCH == 32
-    assert train.parse_args(parser, ['--device', 'cuda']).batch_size == train.GPU_BATCH == 128
-    assert train.parse_args(parser, ['--device', 'cuda', '--batch-size', '7']).batch_size == 7
+    cli.add_train_options(parser)
+    assert cli.parse_args(parser, ['--device', 'cpu']).batch_size == cli.CPU_BATCH == 32
+    assert cli.parse_args(parser, ['--device', 'cuda']).batch_size == cli.GPU_BATCH == 128
+    assert cli.parse_args(parser, ['--device', 'cuda', '--batch-size', '7']).batch_size == 7
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # auto picks what the machine has
-    assert train.parse_args(parser, []).batch_size == 128
+    assert cli.parse_args(parser, []).batch_size == 128
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
-    assert train.parse_args(parser, []).batch_size == 32
+    assert cli.parse_args(parser, []).batch_size == 32
 
 
 def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
-    x = train.model_input(torch.zeros(4, 40, 40, dtype=torch.uint8), 32, 3, torch.device('cpu'))
-    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
-    assert not x.is_contiguous()  # (with one channel the two layouts are the same memory)
-    assert train.eval_batch(128, torch.device('cpu')) == 256
-    assert train.eval_batch(128, torch.device('cuda')) == 1024 and train.eval_batch(1024, torch.device('cuda')) == 2048
+    """The model is placed in channels-last memory on the CPU; a plain NCHW input then runs its
+    convolutions channels-last too, with the same numbers as a channels-last input."""
+    model = models.place(models.build_model('resnet50', 'none'), torch.device('cpu')).eval()
+    conv = model.backbone.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = dataset.to_model_input(torch.randint(0, 256, (4, 40, 40), dtype=torch.uint8), 32, 3)
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous()
+    with torch.no_grad():
+        out = conv(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, conv(x.contiguous(memory_format=torch.channels_last)), rtol=0, atol=0)
+    assert predict.eval_batch(128, torch.device('cpu')) == 256
+    assert predict.eval_batch(128, torch.device('cuda')) == 1024 and predict.eval_batch(1024, torch.device('cuda')) == 2048

@@ -1,0 +1,262 @@
+"""The command line every script shares: the --help layout, the training options of train.py and
+cv.py (and the flags other scripts share), number flags that refuse what cannot work, Ctrl-C
+during training, and one way to end on a mistake the user can fix.
+
+A mistake ends a script with one line on stderr that names the file, row or flag, and an exit
+code: 2 for a flag (argparse's usage errors), 1 for a bad input file or a run that failed, 130 for
+Ctrl-C. No traceback, and nothing half-written: each script checks its inputs before it writes
+its first output, and a folder it made for a run that failed before writing anything is removed.
+"""
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+
+import torch
+
+import dataset
+import models
+
+DEVICES = ('auto', 'cpu', 'cuda', 'mps')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+# The CPU trains more per second at a small batch (the activations stay in the caches), a GPU
+# needs large ones to be busy (RESULTS.md, Speed).
+CPU_BATCH, GPU_BATCH = 32, 128
+DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}  # the cnn learns more per CPU-second at 64 px (RESULTS.md)
+DEMO_DIR = os.path.join('data', 'demo')
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring's command lines as written, and each option's
+    default once (not for switches, nor where the help already says what happens without it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] \
+                or '(default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def number(kind=float, at_least=None, above=None, at_most=None, below=None, infinite=False):
+    """An argparse `type` for a number flag: `kind` (float or int), within the bounds given. NaN is
+    never a value a flag can mean, and infinity only where `infinite` allows it (a face-score
+    threshold of -inf keeps every row). A value outside is a usage error that names the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
+        if math.isnan(value) or (math.isinf(value) and not infinite):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f'must be >= {at_least:g}, got {text}')
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f'must be > {above:g}, got {text}')
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f'must be <= {at_most:g}, got {text}')
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f'must be < {below:g}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_device(parser, help='where to run'):
+    parser.add_argument('--device', default='auto', choices=DEVICES, help=help)
+
+
+def add_compile(parser, help):
+    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE', choices=COMPILE_MODES, help=help)
+
+
+# ----------------------------------------------------------------------------- the training options
+
+def add_train_options(parser):
+    """Every option of one training run; cv.py takes the same ones under the same names."""
+    parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, wiki_labeled/)')
+    parser.add_argument('--csv', help='clean CSV from clean_data.py (default: DATA/wiki_labels_clean.csv)')
+    parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
+    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
+                                          '(default: imagenet for resnet50, none for cnn)')
+    parser.add_argument('--loss', default='smoothl1', choices=sorted(models.LOSSES),
+                        help='training loss; dex: 101 age classes, soft labels, the expected age as prediction')
+    parser.add_argument('--epochs', type=number(int, at_least=1), default=30, help='passes over the training rows')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), help=f'images per step, over all GPUs '
+                        f'(default: {GPU_BATCH} on a GPU, {CPU_BATCH} on the CPU)')
+    parser.add_argument('--lr', type=number(above=0), default=1e-3,
+                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of all layers from scratch')
+    parser.add_argument('--backbone-lr', type=number(above=0),
+                        help='peak learning rate of a pretrained backbone (default: lr/10 with --weights imagenet '
+                             'or FILE, else lr)')
+    parser.add_argument('--weight-decay', type=number(at_least=0), default=1e-4,
+                        help='AdamW weight decay of conv and linear weights (norm layers and biases get none)')
+    parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
+                        help='decay of an exponential moving average of the weights, which is then what is '
+                             'validated and saved in best.pt (0: off)')
+    parser.add_argument('--no-tta', action='store_true',
+                        help='validate without averaging each face with its mirror image (predict.py has its own)')
+    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
+                        help='model input size in pixels; the images are 100x100 (default: 64 for cnn, 100 for resnet50)')
+    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
+    parser.add_argument('--balance-gender', action='store_true',
+                        help='oversample the rarer gender in the TRAINING part (never in validation)')
+    parser.add_argument('--train-min-face-score', type=number(infinite=True), default=1.0,
+                        help='train only on rows with at least this face score (#NAME?, no face, is -inf); '
+                             'validation keeps every row where a face was found, as the test set does')
+    parser.add_argument('--train-keep-second-face', action='store_true',
+                        help='also train on rows where a second face was detected (validation always keeps them)')
+    parser.add_argument('--train-max-age', type=number(), help='also drop training rows older than this')
+    parser.add_argument('--train-min-age', type=number(), help='also drop training rows younger than this')
+    parser.add_argument('--patience', type=number(int, at_least=0), default=0,
+                        help='stop after this many epochs without a better val RMSE; 0: never (with a cosine '
+                             'decay the best epochs are the last, so the default runs the schedule to its end)')
+    parser.add_argument('--limit', type=number(int, at_least=4), help='use only N randomly chosen rows (smoke tests)')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0,
+                        help='seed of the split, the initial weights and the draws')
+    add_device(parser, help='where to train')
+    parser.add_argument('--time-limit', type=number(above=0),
+                        help='minutes (in cv.py: for each run); stop cleanly after the step that crosses it')
+    add_compile(parser, help='torch.compile the model (a slower start); MODE reduce-overhead adds CUDA graphs')
+    parser.add_argument('--log-every', type=number(int, at_least=1), default=50, help='steps between progress lines')
+    parser.add_argument('--demo', action='store_true',
+                        help=f'make synthetic data in {DEMO_DIR} if absent and use CPU-sized presets')
+
+
+def demo_presets(model, runs=1):
+    """What --demo sets, for every option the command line leaves out. Sized for a 2-core laptop
+    CPU: one train.py run learns the drawn age cues in about a minute, and cv.py's `runs`
+    (combinations x folds) runs share about four minutes."""
+    # ResNet-50's steps at 32 px are too small to keep 2 cores busy at batch 32 (RESULTS.md, Speed).
+    presets = dict(data=DEMO_DIR, model=model, weights='none', lr=2e-3,
+                   batch_size={'cnn': 32, 'resnet50': 48}[model], size={'cnn': 64, 'resnet50': 32}[model],
+                   epochs=25, time_limit=2.5)
+    if runs > 1:
+        presets.update(epochs=10, time_limit=round(4.0 / runs, 2))
+    return presets
+
+
+def parse_args(parser, argv=None, count_runs=None):
+    """Parse, fill in the --demo presets and the per-model and per-device defaults, check. count_runs(args):
+    how many runs the command makes (cv.py), so that a demo fits its time."""
+    args = parser.parse_args(argv)
+    if args.demo:  # the presets become defaults, so every flag on the command line still wins
+        parser.set_defaults(model='cnn')
+        model = parser.parse_args(argv).model
+        parser.set_defaults(**demo_presets(model, count_runs(args) if count_runs else 1))
+        args = parser.parse_args(argv)
+    if args.weights is None:
+        args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
+    if args.size is None:
+        args.size = DEFAULT_SIZE[args.model]
+    if args.batch_size is None:
+        on_gpu = args.device in ('cuda', 'mps') or (args.device == 'auto' and models.pick_device('auto').type != 'cpu')
+        args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """What the flags' own types cannot check, as usage errors (exit code 2) before anything loads."""
+    if args.size < models.MIN_SIZE[args.model]:
+        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
+    if None not in (args.train_min_age, args.train_max_age) and args.train_min_age > args.train_max_age:
+        parser.error(f'--train-min-age {args.train_min_age:g} is above --train-max-age {args.train_max_age:g}')
+
+
+def flags(parser, values, skip=(), changed_only=False):
+    """The flags that give `values` (a dict of option values) to `parser`: '--lr=0.001' for a value,
+    '--no-tta' for a switch that is on; with changed_only, only what differs from the defaults."""
+    out = []
+    for action in parser._actions:
+        value = values.get(action.dest)
+        if not action.option_strings or action.dest in ('help', *skip) or value is None or value is False:
+            continue
+        if changed_only and value == action.default:
+            continue
+        out.append(action.option_strings[-1] + ('' if value is True else f'={value}'))
+    return out
+
+
+def parse_saved(parser, values, source):
+    """Options saved in a file (a checkpoint's vars(args)), parsed again as if typed, so that an
+    edited or damaged value is refused by the same checks as on the command line, naming `source`."""
+    def refuse(message):
+        raise models.CheckpointError(f'{source}: its saved options are refused ({message})')
+    parser.error = refuse
+    return parse_args(parser, flags(parser, values, skip=('demo', 'resume', 'out_dir')))
+
+
+# ----------------------------------------------------------------------------- errors, exit codes, signals
+
+def refuse_overwriting_inputs(parser, flag, out, inputs):
+    """A usage error when the output file `out` is one of the input files: never overwrite an input."""
+    if out is None:
+        return
+    for path in inputs:
+        if path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
+            parser.error(f'{flag} {out} is an input of this command ({path}); choose another file')
+
+
+def error(message):
+    """One line on stderr, whatever the message holds (pandas' parser errors carry newlines)."""
+    print('error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+
+
+def run(work, batch_size=None, interrupted='interrupted'):
+    """work() -> exit code. What a user can cause ends as one line on stderr: a UserError or an
+    OSError 1, running out of GPU memory 1 (with a smaller --batch-size to try), Ctrl-C 130."""
+    try:
+        return work() or 0
+    except dataset.UserError as e:
+        error(e)
+    except torch.OutOfMemoryError:
+        error(f'out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, (batch_size or 2) // 2)}')
+    except KeyboardInterrupt:
+        error(interrupted)
+        return 130
+    except OSError as e:  # a folder that cannot be made, a disk that is full, ...
+        error(f'{e.filename}: {e.strerror or e}' if e.filename else e)
+    return 1
+
+
+@contextlib.contextmanager
+def output_folder(path):
+    """Make the folder `path` for what follows; if that fails before anything was written into the
+    folder, remove it again, so that a failed command leaves no empty run folder behind."""
+    existed = os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if not existed and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
+
+
+class Stop:
+    """While training, Ctrl-C / SIGTERM set a flag and the loop saves a resumable checkpoint at the
+    end of the step; a second Ctrl-C gives up at once. Outside training they act as usual."""
+    signal = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def catching(cls):
+        def handler(signum, frame):
+            if cls.signal is not None:
+                raise KeyboardInterrupt
+            cls.signal = signum
+            print(f'\n{signal.Signals(signum).name}: stopping after this step, saving last.pt ...', flush=True)
+        cls.signal = None
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
