@@ -332,7 +332,7 @@ def report(args, train_args, device, measured, load_before, start):
     step_tflops = flops * step_calls / timed['step'][1] / 1e12
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
     predict_speed = timed['predict'][0] / timed['predict'][1]
-    dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
+    dtype = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
     result = {
         'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': train_args.compile,
         'ema': train_args.ema, 'device': str(device),
@@ -386,7 +386,7 @@ def main(argv=None):
         if device.type == 'cuda':
             torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, so let cuDNN pick the fastest kernels
         train_args = training_options(args)
-        dtype = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else 'fp32'
+        dtype = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
         log = lambda *a: print(*a, flush=True)  # noqa: E731
         load_before, start = load_average(), time.time()
         log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device {device} ({device_name(device)}), '

@@ -214,11 +214,11 @@ def print_report(report, kept, table, out):
     print(f'wrote {out}')
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and wiki_labeled/')
     parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
-    parser.add_argument('--min-face-score', type=cli.number(infinite=True),
+    parser.add_argument('--min-face-score', type=cli.number(minus_infinity=True),
                         help='also drop rows whose face detector score is below this (#NAME? = no face = -inf); '
                              'by default they stay, and train.py decides what it trains on')
     parser.add_argument('--drop-second-face', action='store_true',
@@ -227,6 +227,11 @@ def main(argv=None):
     parser.add_argument('--max-age', type=cli.number(), default=100.0, help='drop older labels (nonsense birth dates)')
     parser.add_argument('--no-image-check', action='store_true',
                         help='do not open the images (faster; unreadable ones are then skipped at training)')
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.min_age > args.max_age:
         parser.error(f'--min-age {args.min_age:g} is above --max-age {args.max_age:g}')

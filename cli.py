@@ -39,16 +39,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def number(kind=float, at_least=None, above=None, at_most=None, below=None, infinite=False):
+def number(kind=float, at_least=None, above=None, at_most=None, below=None, minus_infinity=False):
     """An argparse `type` for a number flag: `kind` (float or int), within the bounds given. NaN is
-    never a value a flag can mean, and infinity only where `infinite` allows it (a face-score
-    threshold of -inf keeps every row). A value outside is a usage error that names the flag."""
+    never a value a flag can mean, nor infinity, but for -inf where `minus_infinity` allows it (a
+    face-score threshold of -inf keeps every row). A value outside is a usage error naming the flag."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
-        if math.isnan(value) or (math.isinf(value) and not infinite):
+        if math.isnan(value) or (math.isinf(value) and not (minus_infinity and value < 0)):
             raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
         if at_least is not None and value < at_least:
             raise argparse.ArgumentTypeError(f'must be >= {at_least:g}, got {text}')
@@ -60,6 +60,7 @@ def number(kind=float, at_least=None, above=None, at_most=None, below=None, infi
             raise argparse.ArgumentTypeError(f'must be < {below:g}, got {text}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.kind, parse.minus_infinity = kind, minus_infinity  # what the tests check every number flag by
     return parse
 
 
@@ -102,7 +103,7 @@ def add_train_options(parser):
     parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
     parser.add_argument('--balance-gender', action='store_true',
                         help='oversample the rarer gender in the TRAINING part (never in validation)')
-    parser.add_argument('--train-min-face-score', type=number(infinite=True), default=1.0,
+    parser.add_argument('--train-min-face-score', type=number(minus_infinity=True), default=1.0,
                         help='train only on rows with at least this face score (#NAME?, no face, is -inf); '
                              'validation keeps every row where a face was found, as the test set does')
     parser.add_argument('--train-keep-second-face', action='store_true',
@@ -124,27 +125,25 @@ def add_train_options(parser):
                         help=f'make synthetic data in {DEMO_DIR} if absent and use CPU-sized presets')
 
 
-def demo_presets(model, runs=1):
-    """What --demo sets, for every option the command line leaves out. Sized for a 2-core laptop
-    CPU: one train.py run learns the drawn age cues in about a minute, and cv.py's `runs`
-    (combinations x folds) runs share about four minutes."""
+def demo_presets(model, cv=False):
+    """What --demo sets, for every option the command line leaves out: synthetic faces, from scratch,
+    sized for a 2-core laptop CPU. It ends by epochs, not minutes, so every machine prints the same
+    numbers (a slower one later): train.py in about a minute (cnn), cv.py's five folds in under five
+    minutes (resnet50); RESULTS.md, Demos."""
     # ResNet-50's steps at 32 px are too small to keep 2 cores busy at batch 32 (RESULTS.md, Speed).
-    presets = dict(data=DEMO_DIR, model=model, weights='none', lr=2e-3,
-                   batch_size={'cnn': 32, 'resnet50': 48}[model], size={'cnn': 64, 'resnet50': 32}[model],
-                   epochs=25, time_limit=2.5)
-    if runs > 1:
-        presets.update(epochs=10, time_limit=round(4.0 / runs, 2))
-    return presets
+    epochs = {('cnn', False): 25, ('cnn', True): 10, ('resnet50', False): 15, ('resnet50', True): 6}[model, cv]
+    return dict(data=DEMO_DIR, model=model, weights='none', lr=2e-3, epochs=epochs,
+                batch_size={'cnn': 32, 'resnet50': 48}[model], size={'cnn': 64, 'resnet50': 32}[model])
 
 
-def parse_args(parser, argv=None, count_runs=None):
-    """Parse, fill in the --demo presets and the per-model and per-device defaults, check. count_runs(args):
-    how many runs the command makes (cv.py), so that a demo fits its time."""
+def parse_args(parser, argv=None, cv=False):
+    """Parse, fill in the --demo presets (cv.py's with cv=True) and the per-model and per-device
+    defaults, check."""
     args = parser.parse_args(argv)
     if args.demo:  # the presets become defaults, so every flag on the command line still wins
         parser.set_defaults(model='cnn')
         model = parser.parse_args(argv).model
-        parser.set_defaults(**demo_presets(model, count_runs(args) if count_runs else 1))
+        parser.set_defaults(**demo_presets(model, cv))
         args = parser.parse_args(argv)
     if args.weights is None:
         args.weights = 'imagenet' if args.model == 'resnet50' else 'none'

@@ -1,6 +1,6 @@
 """K-fold cross-validation, grouped by person and stratified by age, with a grid search.
 
-    python cv.py --demo                                           # synthetic faces, CPU, < 5 minutes
+    python cv.py --demo --model resnet50                          # synthetic faces, CPU, < 5 minutes
     python cv.py --model resnet50 --loss smoothl1 --folds 5       # the real data in data/wiki
     python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
     torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
@@ -46,7 +46,7 @@ def build_parser():
     parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5, help='folds, grouped by person')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')
-    parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo)')
+    parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo-MODEL)')
     parser.add_argument('--keep-all-models', action='store_true',
                         help='keep every fold model of every combination, not only the best combination')
     return parser
@@ -115,11 +115,11 @@ def summarize(results):
 
 def main(argv=None):
     parser = build_parser()
-    args = cli.parse_args(parser, argv, count_runs=lambda a: len(parse_grid(parser, a.grid)) * a.folds)
+    args = cli.parse_args(parser, argv, cv=True)
     combos = parse_grid(parser, args.grid)
     for combo in combos:  # each combination must be a valid train.py run
         cli.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
-    args.out_dir = args.out_dir or os.path.join('runs', 'cv-demo' if args.demo else f'cv-{args.model}')
+    args.out_dir = args.out_dir or os.path.join('runs', f'cv-demo-{args.model}' if args.demo else f'cv-{args.model}')
     # The same command again resumes; a different one must not mix its results into this folder.
     identity = {k: v for k, v in vars(args).items() if k not in ('device', 'time_limit', 'log_every', 'compile')}
     check_out_dir(parser, args.out_dir, identity)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from cli import HelpFormatter
+from cli import HelpFormatter, number, run
 from dataset import IMAGE_SIZE, LABEL_COLUMNS, parse_list, write_atomic, write_csv
 
 FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
@@ -212,23 +212,30 @@ def framing_picture(path, seed=7):
     return path
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('out', metavar='DIR', nargs='?', help='write the synthetic demo folder here')
     parser.add_argument('--framing', metavar='PNG', help="draw the README's picture of how to frame a photo")
-    parser.add_argument('--n', type=int, default=1500, help='labelled rows')
-    parser.add_argument('--n-judge', type=int, default=300, help='test rows')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the drawn faces')
+    parser.add_argument('--n', type=number(int, at_least=20), default=1500, help='labelled rows')
+    parser.add_argument('--n-judge', type=number(int, at_least=1), default=300, help='test rows')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the drawn faces')
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.framing:
-        print(f'wrote {framing_picture(args.framing)}')
-        return 0
+        return run(lambda: print(f'wrote {framing_picture(args.framing)}'))
     if not args.out:
         parser.error('give a folder DIR for the demo data, or --framing PNG')
     if os.path.exists(os.path.join(args.out, 'wiki_labels.csv')):
         parser.error(f'{args.out} already holds a data set; choose another folder')
-    make_demo_data(args.out, args.n, args.n_judge, args.seed)
-    print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.out}')
+
+    def work():
+        make_demo_data(args.out, args.n, args.n_judge, args.seed)
+        print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.out}')
+    return run(work)
 
 
 if __name__ == '__main__':

@@ -174,13 +174,19 @@ def pick_device(name):
     return torch.device(name)
 
 
+def half_dtype(device):
+    """The autocast dtype on `device`: bf16 on GPUs that compute it (Ampere and newer: the range of
+    fp32, so no loss scaling), fp16 with loss scaling on older ones such as Kaggle's T4 and P100
+    (torch would emulate bf16 there, slowly); None on the CPU, which computes in fp32 (without
+    native bf16, bf16 there is many times slower: RESULTS.md, Speed)."""
+    if device.type != 'cuda':
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast(device):
-    """bf16 where the GPU has it: same range as fp32, so no loss scaling; fp16 (scaled) otherwise.
-    The CPU computes in fp32 (without native bf16, bf16 there is many times slower)."""
-    if device.type == 'cuda':
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast('cuda', dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    dtype = half_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def place(model, device):

@@ -223,7 +223,7 @@ def build_optimizer(model, args, device):
                args.lr if is_head else backbone_lr(args), 'weight_decay': args.weight_decay if decays else 0.0}
               for (is_head, decays), params in grouped.items()]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ('cuda', 'cpu'))
-    scaler = torch.amp.GradScaler('cuda', enabled=device.type == 'cuda' and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler('cuda', enabled=models.half_dtype(device) == torch.float16)
     return optimizer, scaler
 
 

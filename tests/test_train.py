@@ -491,7 +491,11 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     parser = argparse.ArgumentParser()
     cli.add_train_options(parser)
     args = cli.parse_args(parser, ['--demo', '--epochs', '3'])
-    assert (args.model, args.size, args.epochs, args.time_limit, args.batch_size) == ('cnn', 64, 3, 2.5, 32)
+    assert (args.model, args.size, args.epochs, args.time_limit, args.batch_size) == ('cnn', 64, 3, None, 32)
+    parser = argparse.ArgumentParser()
+    cli.add_train_options(parser)
+    args = cli.parse_args(parser, ['--demo', '--model', 'resnet50'], cv=True)  # cv.py's demo: by epochs too
+    assert (args.epochs, args.time_limit, args.size, args.batch_size) == (6, None, 32, 48)
     parser = argparse.ArgumentParser()
     cli.add_train_options(parser)
     assert cli.parse_args(parser, ['--demo', '--model', 'resnet50', '--batch-size', '16']).batch_size == 16
