@@ -12,9 +12,11 @@ The rows of the table it prints:
                     one grid_sample for the whole batch. The ratio column is ours / naive.
   pipeline (naive)  the usual per-image way: a Dataset that opens each PNG with PIL and applies
                     torchvision transforms, a DataLoader with --workers processes, batches to the device.
-  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed limit.
-  train loop        train.fit itself (augmentation on; validation is not timed). Ratio: loop / step,
-                    near 1 when the loop adds nothing to the model's own time.
+  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed limit,
+                    eager; with --compile also compiled (ratio: compiled / eager), with its first
+                    step's time, which holds the compiling.
+  train loop        train.fit itself (augmentation on; validation is not timed; compiled with
+                    --compile). Ratio: loop / eager step, near 1 when the loop adds nothing.
   predict           predict.predict_ages, the evaluation path of train.py, cv.py and predict.py (no flip).
 On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of the loop.
 
@@ -167,9 +169,10 @@ def bench_naive(args, paths, ages, channels, device):
 
 def bench_step(args, train_args, images, ages, channels, device):
     """The model alone: train.train_step (forward, loss, backward, AdamW step) on one batch made
-    once, with the model and optimizer that train.fit builds."""
+    once, with the model and optimizer that train.fit builds (compiled when train_args say so).
+    Returns (model, calls, seconds, FLOPs of a step, seconds of the first step: compiling, if any)."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    learner = train.build_learner(train_args, y_mean, y_std, device)  # its step_model: compiled with --compile
+    learner = train.build_learner(train_args, y_mean, y_std, device)
     idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
                                generator=torch.Generator(device=device).manual_seed(args.seed))
@@ -179,13 +182,16 @@ def bench_step(args, train_args, images, ages, channels, device):
     def step():
         train.train_step(learner, x, y)
 
+    t = clock(device)
+    step()
+    first = clock(device) - t
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
     # backward (the optimizer's elementwise work is not counted, and is a rounding error next to them).
     # Counted on the plain model: a compiled one runs the same products, out of the counter's sight.
     with FlopCounterMode(display=False) as counter:
         train.train_step(dataclasses.replace(learner, step_model=learner.model), x, y)
     calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
-    return learner.model, calls, seconds, counter.get_total_flops()
+    return learner.model, calls, seconds, counter.get_total_flops(), first
 
 
 def bench_loop(args, train_args, images, table, device, steps, tmp, log):
@@ -247,9 +253,9 @@ def load_average():
 
 
 def print_table(rows):
-    print(f'{"measurement":<18} {"images/s":>10} {"ratio":>7}  notes')
+    print(f'{"measurement":<20} {"images/s":>10} {"ratio":>7}  notes')
     for name, speed, ratio, note in rows:
-        print(f'{name:<18} {speed:>10,.0f} {ratio:>7}  {note}')
+        print(f'{name:<20} {speed:>10,.0f} {ratio:>7}  {note}')
 
 
 def build_parser():
@@ -311,8 +317,13 @@ def measure_all(args, train_args, device, log):
         log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
         timed['naive'] = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels, device)
         log('measuring the bare train step ...')
-        model, step_calls, step_s, flops = bench_step(args, train_args, images, ages, channels, device)
+        eager_args = argparse.Namespace(**{**vars(train_args), 'compile': None})
+        model, step_calls, step_s, flops, _ = bench_step(args, eager_args, images, ages, channels, device)
         timed['step'] = step_calls, step_s
+        if args.compile:
+            log(f'measuring the bare train step, compiled ({args.compile}) ...')
+            *_, calls, seconds, _, first = bench_step(args, train_args, images, ages, channels, device)
+            timed['compiled'] = calls, seconds, first
         log('measuring prediction ...')
         timed['predict'] = bench_predict(args, model, images, channels, device)
         del model  # free its memory before the loop's peak is measured
@@ -328,6 +339,8 @@ def report(args, train_args, device, measured, load_before, start):
     """The figures as a dict (what --json writes), and the table on stdout."""
     timed, flops, loop_steps, loop_speed, peak_gb, n_images = measured
     ours, naive, step = (timed[k][0] * args.batch_size / timed[k][1] for k in ('ours', 'naive', 'step'))
+    compiled = timed['compiled'][0] * args.batch_size / timed['compiled'][1] if 'compiled' in timed else None
+    startup = timed['compiled'][2] if 'compiled' in timed else None
     step_calls = timed['step'][0]
     step_tflops = flops * step_calls / timed['step'][1] / 1e12
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
@@ -340,7 +353,8 @@ def report(args, train_args, device, measured, load_before, start):
         'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
         'workers': args.workers, 'n_images': n_images, 'data': args.data or 'synthetic',
         'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive, 'pipeline_ratio': ours / naive,
-        'step_img_per_s': step, 'step_steps': step_calls, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
+        'step_img_per_s': step, 'step_steps': step_calls, 'step_compiled_img_per_s': compiled,
+        'compile_first_step_s': startup, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
         'loop_ratio': loop_speed / step, 'predict_img_per_s': predict_speed,
         'flops_per_step': flops, 'step_tflops': step_tflops, 'mfu': mfu,
         'peak_tflops': args.peak_tflops if device.type == 'cuda' else None, 'peak_mem_gb': peak_gb,
@@ -357,8 +371,10 @@ def report(args, train_args, device, measured, load_before, start):
                                                            f'{timed["ours"][0]} batches'),
         ('pipeline (naive)', naive, '', f'PIL + torchvision, DataLoader with {args.workers} workers, '
                                         f'{timed["naive"][0]} batches'),
-        ('train step', step, '', f'one fixed batch, {step_calls} steps after {args.warmup} warm-up, '
+        ('train step', step, '', f'eager, one fixed batch, {step_calls} steps after {args.warmup} warm-up, '
                                  f'{step_tflops:.2f} TFLOP/s'),
+        *([('train step, compiled', compiled, f'{compiled / step:.2f}', f'--compile {args.compile}, its first step '
+            f'(compiling) {startup:.1f} s')] if compiled else []),
         ('train loop', loop_speed, f'{loop_speed / step:.2f}', f'train.fit, {loop_steps} steps after a '
                                                                f'{args.warmup}-step warm-up fit'),
         ('predict', predict_speed, '', f'predict.predict_ages, batch {predict.eval_batch(args.batch_size, device)}, '

@@ -15,8 +15,9 @@ samples. Gender balancing is NOT done here: balancing before the train/validatio
 images into validation (see train.py --balance-gender).
 
 The rows a run uses are chosen here too, beside the rules they apply: `load_table` (the clean CSV
-and its decoded faces), `training_rows` (the --train-* filters, training part only) and
-`validation_rows` (the test-like rows of a fold).
+and its decoded faces), `training_rows` (the --train-* filters, training part only),
+`validation_rows` (the test-like rows of a fold), `split` (train.py's), and the order in which an
+epoch draws the training rows (`epoch_order`, with `draw_weights` for --balance-gender).
 """
 import argparse
 import math
@@ -181,6 +182,15 @@ def draw_weights(gender):
         w[male] = known / 2 / male.sum()
         w[female] = known / 2 / female.sum()
     return torch.from_numpy(w)
+
+
+def epoch_order(n, weights, seed, epoch):
+    """Row positions for one epoch: a permutation, or a weighted draw with replacement.
+    Seeded by (seed, epoch) alone, so a resumed run sees the same order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is None:
+        return torch.randperm(n, generator=g)
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 def split(args, table):

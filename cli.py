@@ -26,6 +26,7 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 CPU_BATCH, GPU_BATCH = 32, 128
 DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}  # the cnn learns more per CPU-second at 64 px (RESULTS.md)
 DEMO_DIR = os.path.join('data', 'demo')
+DEFAULT_EPOCHS = 30
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -83,7 +84,9 @@ def add_train_options(parser):
                                           '(default: imagenet for resnet50, none for cnn)')
     parser.add_argument('--loss', default='smoothl1', choices=sorted(models.LOSSES),
                         help='training loss; dex: 101 age classes, soft labels, the expected age as prediction')
-    parser.add_argument('--epochs', type=number(int, at_least=1), default=30, help='passes over the training rows')
+    parser.add_argument('--epochs', type=number(int, at_least=1),
+                        help=f'passes over the training rows (default: {DEFAULT_EPOCHS}; with --time-limit, as many as '
+                             'fit: the limit ends the run, its learning-rate decay ending with it)')
     parser.add_argument('--batch-size', type=number(int, at_least=1), help=f'images per step, over all GPUs '
                         f'(default: {GPU_BATCH} on a GPU, {CPU_BATCH} on the CPU)')
     parser.add_argument('--lr', type=number(above=0), default=1e-3,
@@ -149,6 +152,8 @@ def parse_args(parser, argv=None, cv=False):
         args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
     if args.size is None:
         args.size = DEFAULT_SIZE[args.model]
+    if args.epochs is None and not args.time_limit:
+        args.epochs = DEFAULT_EPOCHS
     if args.batch_size is None:
         on_gpu = args.device in ('cuda', 'mps') or (args.device == 'auto' and models.pick_device('auto').type != 'cpu')
         args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH

@@ -218,6 +218,19 @@ def distributed(device_name, backend=None, timeout=None):
         dist.destroy_process_group()
 
 
+def compile_model(model, mode, device, log=print):
+    """torch.compile(model, mode=mode) where this machine can compile: inductor needs a C++ compiler
+    for the CPU and Triton for a GPU. A one-line function is compiled first, so a missing compiler
+    costs one warning line and the run goes on eagerly, instead of failing at its first step."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, mode=mode)(torch.ones(8, device=device))
+    except Exception as e:  # a missing or broken compiler shows up as one of many exception types
+        log(f'warning: --compile {mode}: torch.compile does not work on this machine ({type(e).__name__}: '
+            f'{(str(e).strip().splitlines() or [""])[0][:160]}); training without it')
+        return model
+    return torch.compile(model, mode=mode)
+
+
 # ----------------------------------------------------------------------------- files
 
 def load_file(path):

@@ -58,7 +58,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
     log_start(run)
     stopped = 'completed'
     with cli.Stop.catching():
-        while run.progress.epoch < args.epochs and stopped == 'completed':
+        while run.progress.epoch < (args.epochs or math.inf) and stopped == 'completed':
             epoch = run.progress.epoch
             train_loss, img_per_s, stopped = train_epoch(run, epoch)
             if stopped == 'signal':
@@ -71,7 +71,7 @@ def fit(args, images, table, train_rows, val_rows, out_dir, device, rank=0, worl
                 if improved:
                     models.save_file(os.path.join(out_dir, 'best.pt'), checkpoint(run, 'best'))
                 dataset.write_csv(pd.DataFrame(run.progress.history), os.path.join(out_dir, 'history.csv'))
-                if stopped == 'completed' and run.progress.epoch < args.epochs:
+                if stopped == 'completed' and run.progress.epoch < (args.epochs or math.inf):
                     models.save_file(os.path.join(out_dir, 'last.pt'), checkpoint(run, 'last'))
             if stopped == 'completed' and args.patience and run.progress.bad_epochs >= args.patience:
                 stopped = 'early_stop'
@@ -119,7 +119,7 @@ class Schedule:
     """Steps, and the clock of a time limit: what the learning rate follows."""
     batch: int                   # images per step in each process
     steps_per_epoch: int
-    total_steps: int             # epochs x steps_per_epoch: where the learning rate reaches zero
+    total_steps: int             # epochs x steps_per_epoch, where the learning rate reaches zero; None: at the deadline
     warmup_steps: int
     start: float = None          # time.time() when this session's training started
     deadline: float = None       # time.time() at --time-limit, else None
@@ -167,12 +167,12 @@ class Run:
 
 def start_run(args, images, table, train_rows, val_rows, out_dir, device, rank, world, log):
     rows = make_rows(args, images, table, train_rows, val_rows)
-    learner = build_learner(args, rows.age_mean, rows.age_std, device, world)
+    learner = build_learner(args, rows.age_mean, rows.age_std, device, world, log)
     batch = max(1, args.batch_size // world)
     steps_per_epoch = max(1, len(rows.train) // world // batch)
-    total = args.epochs * steps_per_epoch
+    total = args.epochs * steps_per_epoch if args.epochs else None  # None: --time-limit alone ends the run
     schedule = Schedule(batch=batch, steps_per_epoch=steps_per_epoch, total_steps=total,
-                        warmup_steps=warmup_steps(total, steps_per_epoch))
+                        warmup_steps=warmup_steps(total, steps_per_epoch) if total else None)
     return Run(args=args, rows=rows, learner=learner, schedule=schedule, progress=Progress(), out_dir=out_dir,
                device=device, rank=rank, world=world, log=log)
 
@@ -190,7 +190,7 @@ def make_rows(args, images, table, train_rows, val_rows):
                 age_std=float(train_ages.std()) if len(train_rows) > 1 else 1.0)
 
 
-def build_learner(args, age_mean, age_std, device, world=1):
+def build_learner(args, age_mean, age_std, device, world=1, log=print):
     torch.manual_seed(args.seed)  # the initial weights, and later dropout, draw from the global generator
     bins = models.AGE_BINS if args.loss == 'dex' else 0
     model = models.place(models.build_model(args.model, args.weights, age_mean, max(age_std, 1e-3), bins), device)
@@ -199,7 +199,7 @@ def build_learner(args, age_mean, age_std, device, world=1):
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
                                                          else None)
     if args.compile:
-        step_model = torch.compile(step_model, mode=args.compile)
+        step_model = models.compile_model(step_model, args.compile, device, log)
     ema = None
     if args.ema:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -244,7 +244,9 @@ def log_start(run):
     args, s = run.args, run.schedule
     lr = f'{args.lr:g}' + (f' (head), {backbone_lr(args):g} (pretrained backbone)' if backbone_lr(args) != args.lr else '')
     run.log(f'training {args.model} on {len(run.rows.train)} images, validating on {len(run.rows.val)} '
-            f'({s.steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {s.batch * run.world}, device {run.device}'
+            f'({s.steps_per_epoch} steps/epoch x '
+            f'{f"{args.epochs} epochs" if args.epochs else f"epochs until the {args.time_limit:g}-minute limit"}, '
+            f'batch {s.batch * run.world}, device {run.device}'
             f'{f", {run.world} processes" if run.world > 1 else ""}); peak learning rate {lr}, loss {args.loss}'
             f'{f", EMA {args.ema:g}" if args.ema else ""}, validation TTA {"off" if args.no_tta else "on"}')
 
@@ -255,7 +257,7 @@ def train_epoch(run, epoch):
     """One epoch of training, from run.progress.step (not 0 when resumed mid-epoch). Returns (mean
     training loss, images/s, why it stopped: 'completed', 'time_limit' or 'signal')."""
     args, rows, learner, s, progress = run.args, run.rows, run.learner, run.schedule, run.progress
-    order = epoch_order(len(rows.train), rows.draw_weights, args.seed, epoch)
+    order = clean_data.epoch_order(len(rows.train), rows.draw_weights, args.seed, epoch)
     order = rows.train[order[run.rank::run.world]].to(rows.images.device)  # indices live with the images
     if progress.step == 0:  # a fresh epoch, not one resumed mid-way
         if learner.aug is not None:
@@ -295,20 +297,15 @@ def train_epoch(run, epoch):
     return progress.loss_sum / max(progress.loss_count, 1), progress.train_images / max(progress.train_seconds, 1e-9), stopped
 
 
-def epoch_order(n, weights, seed, epoch):
-    """Row positions for one epoch: a permutation, or a weighted draw with replacement.
-    Seeded by (seed, epoch) alone, so a resumed run sees the same order."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is None:
-        return torch.randperm(n, generator=g)
-    return torch.multinomial(weights, n, replacement=True, generator=g)
-
-
 def lr_factor(step, total_steps, warmup_steps, time_fraction=0.0):
     """The learning rate at `step` (from 0) as a fraction of the peak: a linear warm-up over
     warmup_steps, then a cosine decay that reaches zero at total_steps. Under --time-limit the run
     is as far along as the larger of its step and its time fraction, so a run that fits fewer
-    steps than total_steps still finishes its warm-up and decay at the limit."""
+    steps than total_steps still finishes its warm-up and decay at the limit; without --epochs
+    (total_steps None) its time alone says how far along it is, on a scale of 1000 steps, the
+    first tenth warming up."""
+    if total_steps is None:
+        step, total_steps, warmup_steps = 0, 1000, 100
     step = min(max(step, time_fraction * total_steps), total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -350,8 +347,8 @@ def log_steps(run, epoch, done, steps, seconds, mean_loss):
     the time left."""
     args, s = run.args, run.schedule
     speed = steps * s.batch * run.world / max(seconds, 1e-9)
-    left = ((args.epochs - epoch) * s.steps_per_epoch - done) * s.batch * run.world / max(speed, 1e-9)
-    run.log(f'epoch {epoch + 1}/{args.epochs} step {done}/{s.steps_per_epoch} loss {mean_loss:.4f} '
+    left = (((args.epochs or math.inf) - epoch) * s.steps_per_epoch - done) * s.batch * run.world / max(speed, 1e-9)
+    run.log(f'epoch {epoch + 1}{f"/{args.epochs}" if args.epochs else ""} step {done}/{s.steps_per_epoch} loss {mean_loss:.4f} '
             f'lr {run.learner.optimizer.param_groups[0]["lr"]:.2e} {speed:.0f} img/s elapsed {cli.fmt_time(s.elapsed())} '
             f'left ~{cli.fmt_time(min(left, s.deadline - time.time()) if s.deadline else left)}')
 
@@ -416,10 +413,11 @@ def record_epoch(progress, epoch, stopped, train_loss, img_per_s, scores, lr, se
 def log_epoch(run, epoch, improved):
     row, args = run.progress.history[-1], run.args
     epochs_here = len(run.progress.history) - run.schedule.epochs_before
-    left = (args.epochs - epoch - 1) * (row['seconds'] / max(epochs_here, 1))
+    left = ((args.epochs or math.inf) - epoch - 1) * (row['seconds'] / max(epochs_here, 1))
     if run.schedule.deadline:
         left = min(left, run.schedule.deadline - time.time())
-    run.log(f'epoch {epoch + 1}/{args.epochs} train_loss {row["train_loss"]:.4f} val_rmse {row["val_rmse"]:.3f} '
+    run.log(f'epoch {epoch + 1}{f"/{args.epochs}" if args.epochs else ""} train_loss {row["train_loss"]:.4f} '
+            f'val_rmse {row["val_rmse"]:.3f} '
             f'val_mae {row["val_mae"]:.3f} val_r2 {row["val_r2"]:.3f} (clean rows {row["val_rmse_clean"]:.3f}) '
             f'{row["img_per_s"]:.0f} img/s elapsed {cli.fmt_time(row["seconds"])} left ~{cli.fmt_time(left)}'
             f'{"  *best" if improved else ""}')

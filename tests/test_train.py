@@ -248,7 +248,7 @@ def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_
 def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
     """Run train.py and return the gender of every training row it drew, over all epochs."""
     split = {}
-    real_fit, real_order = train.fit, train.epoch_order
+    real_fit, real_order = train.fit, clean_data.epoch_order
 
     def fit(args, images, table, train_rows, *rest, **kw):
         split.update(gender=table['gender'].to_numpy()[np.asarray(train_rows)])
@@ -259,7 +259,7 @@ def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
         split.setdefault('drawn', []).append(order.numpy())
         return order
     monkeypatch.setattr(train, 'fit', fit)
-    monkeypatch.setattr(train, 'epoch_order', epoch_order)
+    monkeypatch.setattr(clean_data, 'epoch_order', epoch_order)
     assert run_train(tiny_data, out_dir, *flags) == 0
     return split['gender'], split['gender'][np.concatenate(split['drawn'])]
 
@@ -574,3 +574,40 @@ def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
         torch.testing.assert_close(out, conv(x.contiguous(memory_format=torch.channels_last)), rtol=0, atol=0)
     assert predict.eval_batch(128, torch.device('cpu')) == 256
     assert predict.eval_batch(128, torch.device('cuda')) == 1024 and predict.eval_batch(1024, torch.device('cuda')) == 2048
+
+
+def test_without_epochs_a_time_limit_alone_ends_the_run_with_its_decay():
+    parser = argparse.ArgumentParser()
+    cli.add_train_options(parser)
+    assert cli.parse_args(parser, []).epochs == cli.DEFAULT_EPOCHS == 30
+    assert cli.parse_args(parser, ['--time-limit', '5']).epochs is None  # as many as fit
+    assert cli.parse_args(parser, ['--time-limit', '5', '--epochs', '3']).epochs == 3  # the user's bound stays
+    f = lambda t: train.lr_factor(step=7, total_steps=None, warmup_steps=None, time_fraction=t)  # noqa: E731
+    assert f(0.0) == pytest.approx(0.01) and f(0.05) == pytest.approx(0.51)  # the first tenth warms up
+    assert f(0.1) == pytest.approx(1.0) and f(0.55) == pytest.approx(0.5)  # then the cosine, on time alone
+    assert f(1.0) == pytest.approx(0.0, abs=1e-12) and f(1.5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_time_limited_run_without_epochs_uses_the_whole_budget(tiny_data, tmp_path):
+    out = tmp_path / 'run'
+    argv = [a for a in FAST if a not in ('--epochs', '2')]
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), *argv, '--time-limit', '0.05',
+                       '--log-every', '1000']) == 0
+    metrics = read_json(out / 'metrics.json')
+    history = pd.read_csv(out / 'history.csv')
+    assert metrics['stopped'] == 'time_limit' and metrics['seconds'] >= 3.0  # ran to the 3-second limit
+    assert history['lr'].iloc[-1] < 0.1 * 1e-3  # and its learning rate had decayed there
+
+
+def test_compile_without_a_compiler_warns_once_and_trains_eagerly(tiny_data, tmp_path, monkeypatch, capsys):
+    """A laptop without gcc: inductor cannot build its C++ kernels. One warning line, then eager."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, 'cxx', ('/nonexistent/g++',))
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))  # nothing compiled before
+    out = tmp_path / 'run'
+    assert run_train(tiny_data, out, '--epochs', '1', '--compile') == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if line.startswith('warning: --compile')]
+    assert len(warnings) == 1 and 'torch.compile does not work on this machine' in warnings[0]
+    assert 'training without it' in warnings[0] and 'Traceback' not in captured.err
+    assert read_json(out / 'metrics.json')['epochs_run'] == 1
