@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -28,3 +29,12 @@ def trained(tiny_data, tmp_path_factory):
                        '--size', '32', '--batch-size', '16', '--epochs', '2', '--device', 'cpu',
                        '--log-every', '1']) == 0
     return str(out)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal: a shell starts background jobs (`pytest &`,
+    nohup) with SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -107,19 +107,23 @@ def test_weight_decay_nan_is_a_usage_error(tiny_data, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- tracebacks
 
-def test_ctrl_c_while_clean_data_decodes(tiny_data, tmp_path, monkeypatch, capsys):
-    """Ctrl-C 0.1 s into decoding: exit 130, 'error: interrupted', no CSV and no image cache."""
+def test_ctrl_c_while_clean_data_decodes(tiny_data, tmp_path, monkeypatch, capsys, ctrl_c_raises):
+    """Ctrl-C while the images decode: exit 130, 'error: interrupted', no CSV and no image cache."""
     data = copy_data(tiny_data, tmp_path)
     for f in os.listdir(data):
         if f.startswith('wiki_labels_clean'):
             os.remove(data / f)
     real = dataset.decode_image
 
-    def slow(path, photo=False):
+    started = threading.Event()
+
+    def slow(path, photo=False):  # the first image decoded presses Ctrl-C, so it lands mid-decoding
+        if not started.is_set():
+            started.set()
+            os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         return real(path, photo)
     monkeypatch.setattr(dataset, 'decode_image', slow)
-    threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     try:
         code = clean_data.main(['--data', str(data)])
     except KeyboardInterrupt:

@@ -194,7 +194,7 @@ def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, monkeypatch
     assert f'1 run(s) have no result: {gone}; run the same command again to train them' in line
 
 
-def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys, ctrl_c_raises):
     """Ctrl-C while the images are decoded the first time: out in well under a second, not after
     all images (nor after a training step)."""
     data = tmp_path / 'data'
