@@ -24,7 +24,7 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 # The CPU trains more per second at a small batch (the activations stay in the caches), a GPU
 # needs large ones to be busy (RESULTS.md, Speed).
 CPU_BATCH, GPU_BATCH = 32, 128
-DEFAULT_SIZE = {'cnn': 64, 'resnet50': 100}  # the cnn learns more per CPU-second at 64 px (RESULTS.md)
+DEFAULT_SIZE = {'cnn': 48, 'resnet50': 100}  # the cnn learns more per CPU-second at 48 px (RESULTS.md, Accuracy per CPU-second)
 DEMO_DIR = os.path.join('data', 'demo')
 DEFAULT_EPOCHS = 30
 
@@ -102,7 +102,8 @@ def add_train_options(parser):
     parser.add_argument('--no-tta', action='store_true',
                         help='validate without averaging each face with its mirror image (predict.py has its own)')
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
-                        help='model input size in pixels; the images are 100x100 (default: 64 for cnn, 100 for resnet50)')
+                        help='model input size in pixels; the images are 100x100 '
+                        f"(default: {DEFAULT_SIZE['cnn']} for cnn, {DEFAULT_SIZE['resnet50']} for resnet50)")
     parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
     parser.add_argument('--balance-gender', action='store_true',
                         help='oversample the rarer gender in the TRAINING part (never in validation)')
@@ -131,7 +132,7 @@ def add_train_options(parser):
 def demo_presets(model, cv=False):
     """What --demo sets, for every option the command line leaves out: synthetic faces, from scratch,
     sized for a 2-core laptop CPU. It ends by epochs, not minutes, so every machine prints the same
-    numbers (a slower one later): train.py in about a minute (cnn), cv.py's five folds in under five
+    numbers (a slower one later): train.py in 1-2 minutes (cnn), cv.py's five folds in under five
     minutes (resnet50); RESULTS.md, Demos."""
     # ResNet-50's steps at 32 px are too small to keep 2 cores busy at batch 32 (RESULTS.md, Speed).
     epochs = {('cnn', False): 25, ('cnn', True): 10, ('resnet50', False): 15, ('resnet50', True): 6}[model, cv]

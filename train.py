@@ -1,6 +1,6 @@
 """Train one age regressor on a person-grouped train/validation split.
 
-    python train.py --demo                                   # synthetic faces, CPU, about a minute
+    python train.py --demo                                   # synthetic faces, CPU, 1-2 minutes
     python clean_data.py --data data/wiki                    # once, for the real data
     python train.py --data data/wiki --model resnet50 --loss smoothl1 --out-dir runs/r50
     python train.py --data data/wiki --model cnn --weights none --device cpu --time-limit 10

@@ -479,7 +479,7 @@ def test_weights_default_follows_the_model_and_demo_size_flag_wins():
     cli.add_train_options(parser)
     assert cli.parse_args(parser, ['--model', 'cnn']).weights == 'none'
     assert cli.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
-    assert cli.parse_args(parser, ['--model', 'cnn']).size == 64  # input size: per model too
+    assert cli.parse_args(parser, ['--model', 'cnn']).size == 48  # input size: per model too
     assert cli.parse_args(parser, ['--model', 'resnet50']).size == 100
     parser = argparse.ArgumentParser()
     cli.add_train_options(parser)
