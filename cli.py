@@ -24,7 +24,7 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 # The CPU trains more per second at a small batch (the activations stay in the caches), a GPU
 # needs large ones to be busy (RESULTS.md, Speed).
 CPU_BATCH, GPU_BATCH = 32, 128
-DEFAULT_SIZE = {'cnn': 48, 'resnet50': 100}  # the cnn learns more per CPU-second at 48 px (RESULTS.md, Accuracy per CPU-second)
+DEFAULT_SIZE = {'cnn': 48, 'resnet50': 100}  # the cnn learns most per CPU-second at 48 px (RESULTS.md)
 DEMO_DIR = os.path.join('data', 'demo')
 DEFAULT_EPOCHS = 30
 
