@@ -25,6 +25,7 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 # needs large ones to be busy (RESULTS.md, Speed).
 CPU_BATCH, GPU_BATCH = 32, 128
 DEFAULT_SIZE = {'cnn': 48, 'resnet50': 100}  # the cnn learns most per CPU-second at 48 px (RESULTS.md)
+DEFAULT_LOSS = {'cnn': 'dex', 'resnet50': 'smoothl1'}  # measured on the cnn only (RESULTS.md)
 DEMO_DIR = os.path.join('data', 'demo')
 DEFAULT_EPOCHS = 30
 
@@ -82,8 +83,9 @@ def add_train_options(parser):
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
     parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
                                           '(default: imagenet for resnet50, none for cnn)')
-    parser.add_argument('--loss', default='smoothl1', choices=sorted(models.LOSSES),
-                        help='training loss; dex: 101 age classes, soft labels, the expected age as prediction')
+    parser.add_argument('--loss', choices=sorted(models.LOSSES),
+                        help='training loss; dex: 101 age classes, soft labels, the expected age as prediction '
+                        f"(default: {DEFAULT_LOSS['cnn']} for cnn, {DEFAULT_LOSS['resnet50']} for resnet50)")
     parser.add_argument('--epochs', type=number(int, at_least=1),
                         help=f'passes over the training rows (default: {DEFAULT_EPOCHS}; with --time-limit, as many as '
                              'fit: the limit ends the run, its learning-rate decay ending with it)')
@@ -153,6 +155,8 @@ def parse_args(parser, argv=None, cv=False):
         args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
     if args.size is None:
         args.size = DEFAULT_SIZE[args.model]
+    if args.loss is None:
+        args.loss = DEFAULT_LOSS[args.model]
     if args.epochs is None and not args.time_limit:
         args.epochs = DEFAULT_EPOCHS
     if args.batch_size is None:

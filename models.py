@@ -26,7 +26,7 @@ MAX_SIZE = 512  # the faces are 100x100: larger inputs only upsample them
 INPUT_CHANNELS = {'cnn': 1, 'resnet50': 3}  # ImageNet backbones expect RGB: grey is repeated
 AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
 AGE_BINS = 101  # DEX: one class for each age 0..100
-DEX_SIGMA = 3.0  # years: the width of DEX's Gaussian soft labels (wiki's ages are noisy by a few years)
+DEX_SIGMA = 6.0  # years: the width of DEX's Gaussian soft labels (wiki's ages are noisy; RESULTS.md)
 
 
 class WeightsError(dataset.UserError):

@@ -276,7 +276,7 @@ def test_a_loss_that_diverges_at_once_says_no_checkpoint_was_saved(tiny_data, tm
             return super().forward(out, y) * float('nan')
     monkeypatch.setitem(train.models.LOSSES, 'smoothl1', NaNLoss)
     run = tmp_path / 'run'
-    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST]) == 1
+    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--loss', 'smoothl1']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'the loss became NaN/inf at epoch 1' in line and 'no checkpoint was saved' in line
     assert not run.exists()  # nothing was written: no empty run folder either

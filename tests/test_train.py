@@ -474,13 +474,16 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path):
     assert read_json(tmp_path / 'run' / 'metrics.json')['epochs_run'] == 2
 
 
-def test_weights_default_follows_the_model_and_demo_size_flag_wins():
+def test_weights_size_and_loss_defaults_follow_the_model_and_demo_size_flag_wins():
     parser = argparse.ArgumentParser()
     cli.add_train_options(parser)
     assert cli.parse_args(parser, ['--model', 'cnn']).weights == 'none'
     assert cli.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
     assert cli.parse_args(parser, ['--model', 'cnn']).size == 48  # input size: per model too
     assert cli.parse_args(parser, ['--model', 'resnet50']).size == 100
+    assert cli.parse_args(parser, ['--model', 'cnn']).loss == 'dex'  # and the loss
+    assert cli.parse_args(parser, ['--model', 'resnet50']).loss == 'smoothl1'
+    assert cli.parse_args(parser, ['--model', 'cnn', '--loss', 'mse']).loss == 'mse'
     parser = argparse.ArgumentParser()
     cli.add_train_options(parser)
     assert cli.parse_args(parser, ['--demo', '--size=48']).size == 48
