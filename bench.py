@@ -299,7 +299,8 @@ def training_options(args):
     return train_parser.parse_args([
         '--model', args.model, '--weights', 'none', '--loss', cli.DEFAULT_LOSS[args.model], '--size', str(args.size),
         '--batch-size', str(args.batch_size), '--device', args.device, '--epochs', '1', '--patience', '1000000',
-        '--log-every', '1000000', '--seed', str(args.seed), '--ema', str(args.ema)] + (['--compile', args.compile] if args.compile else []))
+        '--log-every', '1000000', '--seed', str(args.seed), '--ema', str(args.ema)]
+        + (['--compile', args.compile] if args.compile else []))
 
 
 def measure_all(args, train_args, device, log):
