@@ -292,15 +292,15 @@ def build_parser():
 
 
 def training_options(args):
-    """fit's own options, parsed by train.py's parser so they stay in step with it. Weights 'none':
-    speed does not depend on them, and the ImageNet file may not be on this machine."""
+    """fit's own options, parsed by train.py's parser with its per-model defaults (the loss among
+    them), so they stay in step with it. Weights 'none': speed does not depend on them, and the
+    ImageNet file may not be on this machine."""
     train_parser = argparse.ArgumentParser()
     cli.add_train_options(train_parser)
-    return train_parser.parse_args([
-        '--model', args.model, '--weights', 'none', '--loss', cli.DEFAULT_LOSS[args.model], '--size', str(args.size),
-        '--batch-size', str(args.batch_size), '--device', args.device, '--epochs', '1', '--patience', '1000000',
-        '--log-every', '1000000', '--seed', str(args.seed), '--ema', str(args.ema)]
-        + (['--compile', args.compile] if args.compile else []))
+    return cli.parse_args(train_parser, [
+        '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size', str(args.batch_size),
+        '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
+        '--seed', str(args.seed), '--ema', str(args.ema)] + (['--compile', args.compile] if args.compile else []))
 
 
 def measure_all(args, train_args, device, log):
