@@ -1,27 +1,28 @@
 """How fast each part of training runs on this machine, in images per second, on the same images.
 
-    python bench.py --model cnn --device cpu                        # about 1.5 minutes on 2 CPU cores
-    python bench.py --model resnet50 --device cpu --batch-size 32   # about 1.5 minutes on 2 CPU cores
-    python bench.py --model resnet50 --json runs/bench-r50.json     # on a GPU: also MFU and peak memory
+    python bench.py --model cnn --device cpu                        # a minute or two on a CPU
+    python bench.py --model resnet50 --device cpu --batch-size 32   # a minute or two on a CPU
+    python bench.py --model resnet50 --json runs/bench-r50.json     # GPU: also MFU, peak memory
     python bench.py --data data/wiki --model resnet50               # the first --n real faces
-    python bench.py --model cnn --size 32 --batch-size 8 --device cpu --quick   # smoke test, seconds
+    python bench.py --model cnn --size 32 --batch-size 8 --device cpu --quick   # smoke test
 
 The rows of the table it prints:
   pipeline (ours)   the uint8 images on the device; a batch gathered at random indices, then
                     dataset.to_model_input: crop, flip, rotation, brightness/contrast per image,
                     one grid_sample for the whole batch. The ratio column is ours / naive.
   pipeline (naive)  the usual per-image way: a Dataset that opens each PNG with PIL and applies
-                    torchvision transforms, a DataLoader with --workers processes, batches to the device.
-  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed limit,
+                    torchvision transforms, a DataLoader with --workers processes, batches to the
+                    device.
+  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed
+  limit,
                     eager; with --compile also compiled (ratio: compiled / eager), with its first
                     step's time, which holds the compiling.
   train loop        train.fit itself (augmentation on; validation is not timed; compiled with
                     --compile). Ratio: loop / eager step, near 1 when the loop adds nothing.
-  predict           predict.predict_ages, the evaluation path of train.py, cv.py and predict.py (no flip).
-On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of the loop.
-
-RESULTS.md (Speed) has the figures measured on a 2-core CPU and on an H200.
-"""
+  predict           models.predict_ages, the evaluation path of train.py, cv.py and predict.py (no
+  flip).
+On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of
+the loop. """
 import argparse
 import dataclasses
 import math
@@ -42,7 +43,6 @@ import cli
 import dataset
 import demo_data
 import models
-import predict
 import train
 
 
@@ -59,9 +59,9 @@ def clock(device):
 
 
 def measure(fn, device, seconds, warmup, calls=None, min_calls=3):
-    """Call fn() `warmup` times untimed (the first calls pay for kernel selection, memory allocation,
-    worker start-up), then `calls` times, or as many as fill `seconds` by the pace of the second
-    half of the warm-up. Returns (calls, elapsed seconds)."""
+    """Call fn() `warmup` times untimed (the first calls pay for kernel selection, memory
+    allocation, worker start-up), then `calls` times, or as many as fill `seconds` by the pace of
+    the second half of the warm-up. Returns (calls, elapsed seconds)."""
     half = warmup // 2
     for _ in range(warmup - half):
         fn()
@@ -97,26 +97,42 @@ def load_faces(args, tmp, log):
     ages = table['age'].to_numpy(dtype=np.float64)
     ok = np.array([dataset.usable(p) for p in problems]) & np.isfinite(ages)
     if ok.sum() < 2:
-        raise dataset.DataError(f'{root}: fewer than 2 readable images with an age in the first {args.n} rows')
-    log(f'{ok.sum()} of {len(table)} images decoded ({len(table) - ok.sum()} dropped: unreadable or no age)')
+        raise dataset.DataError(f'{root}: fewer than 2 readable images with an age in the first '
+                                f'{args.n} rows')
+    log(f'{ok.sum()} of {len(table)} images decoded ({len(table) - ok.sum()} dropped: unreadable '
+        'or no age)')
     # Speed does not depend on the labels, but the 790-year ages of the raw CSV would make fit's
     # standardised targets (and so its loss) odd; clip them as the clean data would.
-    ages = np.clip(ages[ok], *models.AGE_RANGE).astype(np.float32)
+    ages = np.clip(ages[ok], *dataset.AGE_RANGE).astype(np.float32)
     table = table[ok].reset_index(drop=True).assign(age=ages)
     return [p for p, keep in zip(paths, ok) if keep], table, images[ok]
 
 
+def augmentation(model):
+    """The recipe's augmentation strengths for `model`, as training uses them."""
+    return {key: train.RECIPE[key][model] for key in train.AUGMENTATION}
+
+
+def dtype_name(device):
+    return {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
+
+
 class PILFaces(torch.utils.data.Dataset):
     """The per-image pipeline most tutorials write, for comparison: open the PNG with PIL, then
-    torchvision transforms with the same augmentation ranges as dataset.augment_params."""
+    torchvision transforms with the recipe's augmentation strengths (train.RECIPE)."""
 
-    def __init__(self, paths, ages, size, channels):
+    def __init__(self, paths, ages, size, channels, strengths):
         self.paths, self.ages, self.mode = paths, ages, 'RGB' if channels == 3 else 'L'
         mean, std = (dataset.IMAGENET_MEAN, dataset.IMAGENET_STD) if channels == 3 else \
             ([dataset.GREY_MEAN], [dataset.GREY_STD])
-        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1)),
-                                    T.RandomHorizontalFlip(), T.RandomRotation(10),
-                                    T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(mean, std)])
+        a = strengths
+        self.transform = T.Compose([T.RandomResizedCrop(size, scale=a['crop_area'],
+                                                        ratio=a['crop_aspect']),
+                                    T.RandomHorizontalFlip(a['flip']),
+                                    T.RandomRotation(a['rotation']),
+                                    T.ColorJitter(brightness=a['brightness'],
+                                                  contrast=a['contrast']),
+                                    T.ToTensor(), T.Normalize(mean, std)])
 
     def __len__(self):
         return len(self.paths)
@@ -130,15 +146,16 @@ class PILFaces(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- the measurements
 
 def bench_ours(args, images, ages, channels, device):
-    """fit's input lines, on batches gathered at random indices (drawn where fit keeps its epoch order:
-    with the images)."""
+    """fit's input lines, on batches gathered at random indices (drawn where fit keeps its epoch
+    order: with the images)."""
     aug = torch.Generator(device=device).manual_seed(args.seed)
     pick = torch.Generator(device=images.device).manual_seed(args.seed)
 
     def step():
         idx = torch.randint(len(images), (args.batch_size,), generator=pick, device=images.device)
-        x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True), args.size, channels,
-                                   generator=aug)
+        x = dataset.to_model_input(images.index_select(0, idx).to(device, non_blocking=True),
+                                   args.size, channels,
+                                   aug, augmentation(args.model))
         y = ages[idx.to(ages.device)].to(device, non_blocking=True)
         return x, y
 
@@ -146,12 +163,13 @@ def bench_ours(args, images, ages, channels, device):
 
 
 def bench_naive(args, paths, ages, channels, device):
-    faces = PILFaces(paths, ages, args.size, channels)
+    faces = PILFaces(paths, ages, args.size, channels, augmentation(args.model))
     # Sampling with replacement from a huge count: one iterator that never ends, so the workers
     # start once and the timing sees them in their steady state.
     sampler = torch.utils.data.RandomSampler(faces, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(args.seed))
-    loader = torch.utils.data.DataLoader(faces, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    loader = torch.utils.data.DataLoader(faces, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers,
                                          pin_memory=device.type == 'cuda')
     batches = iter(loader)
 
@@ -170,12 +188,15 @@ def bench_naive(args, paths, ages, channels, device):
 def bench_step(args, train_args, images, ages, channels, device):
     """The model alone: train.train_step (forward, loss, backward, AdamW step) on one batch made
     once, with the model and optimizer that train.fit builds (compiled when train_args say so).
-    Returns (model, calls, seconds, FLOPs of a step, seconds of the first step: compiling, if any)."""
+    Returns (model, calls, seconds, FLOPs of a step, seconds of the first step: compiling, if
+    any)."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    learner = train.build_learner(train_args, y_mean, y_std, device)
-    idx = torch.randint(len(images), (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
+    learner = train.build_learner(train_args, train.recipe_of(args.model), y_mean, y_std, device)
+    idx = torch.randint(len(images), (args.batch_size,),
+                        generator=torch.Generator().manual_seed(args.seed))
     x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
-                               generator=torch.Generator(device=device).manual_seed(args.seed))
+                               torch.Generator(device=device).manual_seed(args.seed),
+                               augmentation(args.model))
     y = (ages[idx.to(ages.device)].to(device) - y_mean) / y_std
     learner.step_model.train()
 
@@ -186,11 +207,13 @@ def bench_step(args, train_args, images, ages, channels, device):
     step()
     first = clock(device) - t
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
-    # backward (the optimizer's elementwise work is not counted, and is a rounding error next to them).
+    # backward (the optimizer's elementwise work is not counted, and is a rounding error next to
+    # them).
     # Counted on the plain model: a compiled one runs the same products, out of the counter's sight.
     with FlopCounterMode(display=False) as counter:
         train.train_step(dataclasses.replace(learner, step_model=learner.model), x, y)
-    calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps, min_calls=args.min_steps)
+    calls, seconds = measure(step, device, args.seconds, args.warmup, calls=args.steps,
+                             min_calls=args.min_steps)
     return learner.model, calls, seconds, counter.get_total_flops(), first
 
 
@@ -205,7 +228,8 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
         # rows // batch) and validation, which fit does not time, runs once on one small batch.
         rows = np.resize(np.arange(len(table)), n_steps * args.batch_size)
         val_rows = np.arange(min(len(table), args.batch_size))
-        return train.fit(train_args, images, table, rows, val_rows, os.path.join(tmp, name), device, log=log)
+        split = train.make_rows(train_args, images, table, rows, val_rows)
+        return train.fit(train_args, split, os.path.join(tmp, name), device, log=log)
 
     run(args.warmup, 'fit-warmup')
     if device.type == 'cuda':
@@ -216,13 +240,14 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
 
 
 def bench_predict(args, model, images, channels, device):
-    """predict.predict_ages over enough rows (repeated) to fill --seconds, at the batch fit validates with."""
-    batch = predict.eval_batch(args.batch_size, device)
+    """models.predict_ages over enough rows (repeated) to fill --seconds, at the batch fit
+    validates with."""
+    batch = models.eval_batch(args.batch_size, device)
 
     def run(n):
         rows = np.resize(np.arange(len(images)), n)
         t = clock(device)
-        predict.predict_ages(model, images, rows, args.size, channels, batch, device, tta=False)
+        models.predict_ages(model, images, rows, args.size, channels, batch, device, tta=False)
         return clock(device) - t
 
     run(batch)  # warm-up: eval-mode kernels are chosen on the first call
@@ -262,32 +287,48 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     number = cli.number
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
-    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE), default=100,
+    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
+                        default=100,
                         help='model input size in pixels')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128, help='images per step')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128, help='images '
+                                                                                        'per step')
     cli.add_device(parser)
-    parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: synthetic faces')
-    parser.add_argument('--n', type=number(int, at_least=2), default=2000, help='images to use (the first N rows of --data)')
-    parser.add_argument('--workers', type=number(int, at_least=0), default=min(4, os.cpu_count() or 1),
+    parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: '
+                                       'synthetic faces')
+    parser.add_argument('--n', type=number(int, at_least=2), default=2000, help='images to use '
+                                                                                '(the first N rows '
+                                                                                'of --data)')
+    parser.add_argument('--workers', type=number(int, at_least=0),
+                        default=min(4, os.cpu_count() or 1),
                         help='DataLoader processes of the naive pipeline')
     parser.add_argument('--seconds', type=number(above=0),
                         help='target time of each measurement (default 5 on CPU, 10 on a GPU)')
     parser.add_argument('--warmup', type=number(int, at_least=2), default=2,
-                        help='untimed calls before each measurement (the second half of them sets the pace)')
+                        help='untimed calls before each measurement (the second half of them sets '
+                             'the pace)')
     parser.add_argument('--steps', type=number(int, at_least=1),
                         help='timed train steps, bare and in the loop (default: fill --seconds)')
-    parser.add_argument('--min-steps', type=number(int, at_least=1), default=5, help='timed bare train steps at least')
+    parser.add_argument('--min-steps', type=number(int, at_least=1), default=5, help='timed bare '
+                                                                                     'train steps '
+                                                                                     'at least')
     parser.add_argument('--min-loop-steps', type=number(int, at_least=1), default=10,
                         help='steps of the timed train.fit at least')
-    # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4 sparsity).
+    # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4
+    # sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
-    parser.add_argument('--peak-tflops', type=number(above=0), default=989.0, help='the GPU\'s dense bf16 peak, for MFU')
-    cli.add_compile(parser, help='torch.compile the train step and loop\'s model, as train.py --compile [MODE]')
+    parser.add_argument('--peak-tflops', type=number(above=0), default=989.0, help='the GPU\'s '
+                                                                                   'dense bf16 '
+                                                                                   'peak, for MFU')
+    cli.add_compile(parser, help='torch.compile the train step and loop\'s model, as train.py '
+                                 '--compile [MODE]')
     parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
                         help='the loop keeps a moving average, as train.py --ema')
-    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the faces, batches and weights')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the '
+                                                                                'faces, batches '
+                                                                                'and weights')
     parser.add_argument('--json', metavar='FILE', help='also write the figures here')
-    parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short measurements')
+    parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short '
+                                                             'measurements')
     return parser
 
 
@@ -295,12 +336,12 @@ def training_options(args):
     """fit's own options, parsed by train.py's parser with its per-model defaults (the loss among
     them), so they stay in step with it. Weights 'none': speed does not depend on them, and the
     ImageNet file may not be on this machine."""
-    train_parser = argparse.ArgumentParser()
-    cli.add_train_options(train_parser)
-    return cli.parse_args(train_parser, [
-        '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size', str(args.batch_size),
+    return cli.parse_args(train.build_parser(), [
+        '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size',
+        str(args.batch_size),
         '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
-        '--seed', str(args.seed), '--ema', str(args.ema)] + (['--compile', args.compile] if args.compile else []))
+        '--seed', str(args.seed), '--ema',
+        str(args.ema)] + (['--compile', args.compile] if args.compile else []))
 
 
 def measure_all(args, train_args, device, log):
@@ -316,14 +357,17 @@ def measure_all(args, train_args, device, log):
         log('measuring the input pipeline (ours) ...')
         timed['ours'] = bench_ours(args, images, ages, channels, device)
         log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
-        timed['naive'] = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels, device)
+        timed['naive'] = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels,
+                                     device)
         log('measuring the bare train step ...')
         eager_args = argparse.Namespace(**{**vars(train_args), 'compile': None})
-        model, step_calls, step_s, flops, _ = bench_step(args, eager_args, images, ages, channels, device)
+        model, step_calls, step_s, flops, _ = bench_step(args, eager_args, images, ages, channels,
+                                                         device)
         timed['step'] = step_calls, step_s
         if args.compile:
             log(f'measuring the bare train step, compiled ({args.compile}) ...')
-            *_, calls, seconds, _, first = bench_step(args, train_args, images, ages, channels, device)
+            *_, calls, seconds, _, first = bench_step(args, train_args, images, ages, channels,
+                                                      device)
             timed['compiled'] = calls, seconds, first
         log('measuring prediction ...')
         timed['predict'] = bench_predict(args, model, images, channels, device)
@@ -332,28 +376,33 @@ def measure_all(args, train_args, device, log):
             torch.cuda.empty_cache()
         loop_steps = args.steps or max(args.min_loop_steps, step_calls)
         log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
-        loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp, fit_log)
+        loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp,
+                                         fit_log)
     return timed, flops, loop_steps, loop_speed, peak_gb, len(images)
 
 
 def report(args, train_args, device, measured, load_before, start):
     """The figures as a dict (what --json writes), and the table on stdout."""
     timed, flops, loop_steps, loop_speed, peak_gb, n_images = measured
-    ours, naive, step = (timed[k][0] * args.batch_size / timed[k][1] for k in ('ours', 'naive', 'step'))
-    compiled = timed['compiled'][0] * args.batch_size / timed['compiled'][1] if 'compiled' in timed else None
+    speed = {k: timed[k][0] * args.batch_size / timed[k][1] for k in timed}
+    ours, naive, step = speed['ours'], speed['naive'], speed['step']
+    compiled = speed.get('compiled')
     startup = timed['compiled'][2] if 'compiled' in timed else None
     step_calls = timed['step'][0]
     step_tflops = flops * step_calls / timed['step'][1] / 1e12
     mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
     predict_speed = timed['predict'][0] / timed['predict'][1]
-    dtype = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
+    dtype = dtype_name(device)
     result = {
-        'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'compile': train_args.compile,
+        'model': args.model, 'size': args.size, 'batch_size': args.batch_size,
+        'compile': train_args.compile,
         'ema': train_args.ema, 'device': str(device),
         'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
-        'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+        'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(),
+        'cpu_count': os.cpu_count(),
         'workers': args.workers, 'n_images': n_images, 'data': args.data or 'synthetic',
-        'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive, 'pipeline_ratio': ours / naive,
+        'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive,
+        'pipeline_ratio': ours / naive,
         'step_img_per_s': step, 'step_steps': step_calls, 'step_compiled_img_per_s': compiled,
         'compile_first_step_s': startup, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
         'loop_ratio': loop_speed / step, 'predict_img_per_s': predict_speed,
@@ -361,24 +410,30 @@ def report(args, train_args, device, measured, load_before, start):
         'peak_tflops': args.peak_tflops if device.type == 'cuda' else None, 'peak_mem_gb': peak_gb,
         'load_before': load_before, 'load_after': load_average(), 'seconds': time.time() - start,
     }
-    extras = (f', compile {args.compile}' if args.compile else '') + (f', EMA {args.ema:g}' if args.ema else '')
-    print(f'\n{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on {device}: '
-          f'{result["device_name"]}')
-    print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads '
-          f'(of {os.cpu_count()}), load average {load_before} before, {result["load_after"]} after, '
-          f'{n_images} {"images from " + args.data if args.data else "synthetic faces"}')
+    extras = f', compile {args.compile}' if args.compile else ''
+    extras += f', EMA {args.ema:g}' if args.ema else ''
+    print(f'\n{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on '
+          f'{device}: {result["device_name"]}')
+    print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, '
+          f'{torch.get_num_threads()} CPU threads (of {os.cpu_count()}), load average '
+          f'{load_before} before, {result["load_after"]} after, {n_images} '
+          f'{"images from " + args.data if args.data else "synthetic faces"}')
     print_table([
-        ('pipeline (ours)', ours, f'{ours / naive:.1f}x', f'uint8 on {device.type}, to_model_input, '
-                                                           f'{timed["ours"][0]} batches'),
-        ('pipeline (naive)', naive, '', f'PIL + torchvision, DataLoader with {args.workers} workers, '
-                                        f'{timed["naive"][0]} batches'),
-        ('train step', step, '', f'eager, one fixed batch, {step_calls} steps after {args.warmup} warm-up, '
-                                 f'{step_tflops:.2f} TFLOP/s'),
-        *([('train step, compiled', compiled, f'{compiled / step:.2f}', f'--compile {args.compile}, its first step '
-            f'(compiling) {startup:.1f} s')] if compiled else []),
-        ('train loop', loop_speed, f'{loop_speed / step:.2f}', f'train.fit, {loop_steps} steps after a '
-                                                               f'{args.warmup}-step warm-up fit'),
-        ('predict', predict_speed, '', f'predict.predict_ages, batch {predict.eval_batch(args.batch_size, device)}, '
+        ('pipeline (ours)', ours, f'{ours / naive:.1f}x', f'uint8 on {device.type}, '
+                                                          'to_model_input, '
+                                                          f'{timed["ours"][0]} batches'),
+        ('pipeline (naive)', naive, '', 'PIL + torchvision, DataLoader with '
+                                        f'{args.workers} workers, {timed["naive"][0]} batches'),
+        ('train step', step, '', f'eager, one fixed batch, {step_calls} steps after '
+                                 f'{args.warmup} warm-up, {step_tflops:.2f} TFLOP/s'),
+        *([('train step, compiled', compiled, f'{compiled / step:.2f}',
+             f'--compile {args.compile}, its first step (compiling) {startup:.1f} s')]
+          if compiled else []),
+        ('train loop', loop_speed, f'{loop_speed / step:.2f}', f'train.fit, {loop_steps} steps '
+                                                               f'after a {args.warmup}-step '
+                                                               'warm-up fit'),
+        ('predict', predict_speed, '', 'models.predict_ages, batch '
+                                       f'{models.eval_batch(args.batch_size, device)}, '
                                        f'{timed["predict"][0]} images'),
     ])
     if device.type == 'cuda':
@@ -392,23 +447,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
-    if args.size < models.MIN_SIZE[args.model]:
-        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
-    cli.refuse_overwriting_inputs(parser, '--json', args.json, [args.data and os.path.join(args.data, 'wiki_labels.csv')])
+    cli.check_size(parser, args)
+    cli.refuse_overwriting_inputs(parser, '--json', args.json,
+                                  [args.data and os.path.join(args.data, 'wiki_labels.csv')])
 
     def work():
         device = models.pick_device(args.device)
         if args.seconds is None:
             args.seconds = 5.0 if device.type == 'cpu' else 10.0
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, so let cuDNN pick the fastest kernels
         train_args = training_options(args)
-        dtype = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
+        dtype = dtype_name(device)
         log = lambda *a: print(*a, flush=True)  # noqa: E731
         load_before, start = load_average(), time.time()
-        log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device {device} ({device_name(device)}), '
-            f'{dtype}, load average {load_before}')
-        result = report(args, train_args, device, measure_all(args, train_args, device, log), load_before, start)
+        log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device '
+            f'{device} ({device_name(device)}), {dtype}, load average {load_before}')
+        result = report(args, train_args, device, measure_all(args, train_args, device, log),
+                        load_before, start)
         if args.json:
             dataset.write_json(result, args.json)
             print(f'wrote {args.json}')

@@ -1,6 +1,6 @@
 """Filter wiki_labels.csv into the clean CSV that train.py and cv.py read.
 
-    python clean_data.py --data data/wiki                       # writes data/wiki/wiki_labels_clean.csv
+    python clean_data.py --data data/wiki                       # data/wiki/wiki_labels_clean.csv
     python clean_data.py --data data/wiki --out /tmp/clean.csv  # when the data folder is read-only
     python clean_data.py --data data/wiki --min-face-score 1    # also drop weak or missing faces
 
@@ -14,10 +14,9 @@ Each rule reports how many rows it removed. Rows with unknown gender are kept: t
 samples. Gender balancing is NOT done here: balancing before the train/validation split copies
 images into validation (see train.py --balance-gender).
 
-The rows a run uses are chosen here too, beside the rules they apply: `load_table` (the clean CSV
-and its decoded faces), `training_rows` (the --train-* filters, training part only),
-`validation_rows` (the test-like rows of a fold), `split` (train.py's), and the order in which an
-epoch draws the training rows (`epoch_order`, with `draw_weights` for --balance-gender).
+The rows a run uses are chosen here too, beside the rules they apply: `training_rows` (the
+--train-* filters, training part only), `validation_rows` (the test-like rows of a fold),
+`person_folds` (cv.py's folds, no person in two) and `split` (train.py's).
 """
 import argparse
 import math
@@ -25,15 +24,14 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.distributed as dist
+import pandas as pd
 
 import cli
 import dataset
-import demo_data
 
 
-def metadata_rules(table, min_face_score=None, drop_second_face=False, min_age=1.0, max_age=100.0):
+def metadata_rules(table, min_face_score=None, drop_second_face=False, min_age=dataset.AGE_RANGE[0],
+                   max_age=dataset.AGE_RANGE[1]):
     """{rule: rows it rejects} for the rules that need no image. Also used by train.py and cv.py to
     filter the TRAINING part of a split, never the validation part."""
     face = table['face_score'].to_numpy(dtype=float)
@@ -42,17 +40,23 @@ def metadata_rules(table, min_face_score=None, drop_second_face=False, min_age=1
     if min_face_score is not None and min_face_score > -math.inf:
         rules[f'face_score not a number or < {min_face_score:g}'] = ~(face >= min_face_score)
     if drop_second_face:
-        rules['second face detected'] = np.isfinite(table['second_face_score'].to_numpy(dtype=float))
+        second = table['second_face_score'].to_numpy(dtype=float)
+        rules['second face detected'] = np.isfinite(second)
     rules[f'age outside {min_age:g}..{max_age:g}'] = ~((age >= min_age) & (age <= max_age))
     return rules
+
+
+TEST_LIKE = f'a face found, an age in {dataset.AGE_RANGE[0]:g}..{dataset.AGE_RANGE[1]:g}'
 
 
 def test_like(table):
     """Rows like the Kaggle test set's, which validation scores: a face was found (the test set's
     1,409 rows have 10 without one), any face score, second faces included, and a possible age
-    (1..100; a CSV cleaned with wider --min-age/--max-age keeps the others for training only)."""
+    (dataset.AGE_RANGE; a CSV cleaned with wider --min-age/--max-age keeps the others for training
+    only)."""
     age = table['age'].to_numpy(dtype=float)
-    return np.isfinite(table['face_score'].to_numpy(dtype=float)) & (age >= 1) & (age <= 100)
+    low, high = dataset.AGE_RANGE
+    return np.isfinite(table['face_score'].to_numpy(dtype=float)) & (age >= low) & (age <= high)
 
 
 def clean_only(table):
@@ -63,7 +67,8 @@ def clean_only(table):
 
 
 def clean(table, image_root, args, log=print):
-    """Apply the rules in order. Returns (kept table, decoded images of the kept rows, report rows)."""
+    """Apply the rules in order. Returns (kept table, decoded images of the kept rows, report
+    rows)."""
     keep = np.ones(len(table), dtype=bool)
     report = [('rows in wiki_labels.csv', 0, len(table))]
 
@@ -73,13 +78,15 @@ def clean(table, image_root, args, log=print):
 
     outside = np.array([dataset.outside(p) for p in table['path']], dtype=bool)
     if outside.any():  # an absolute path or '..': never opened (it could point at a test image)
-        list_rows(table, outside, 'with a path outside the image folder (removed, not opened)', [None] * len(table), log)
+        list_rows(table, outside, 'with a path outside the image folder (removed, not opened)',
+                  [None] * len(table), log)
         keep = apply('image path outside wiki_labeled/', outside)
     images = None
     if not args.no_image_check:
         opened = np.flatnonzero(keep)
         log(f'decoding {len(opened)} images from {image_root} ...')
-        images, decoded = dataset.decode_all([os.path.join(image_root, table['path'].iat[i]) for i in opened])
+        images, decoded = dataset.decode_all([os.path.join(image_root,
+                                                           table['path'].iat[i]) for i in opened])
         problems = np.full(len(table), None, dtype=object)
         problems[opened] = decoded
         bad = np.array([not dataset.usable(p) for p in problems])
@@ -101,58 +108,20 @@ def list_rows(table, rows, kind, problems, log):
     if len(rows):
         log(f'{len(rows)} image(s) {kind}')
         for i in rows[:10]:
-            log(f'  ID {table["ID"].iat[i]}: {table["path"].iat[i]}' + (f': {problems[i]}' if problems[i] else ''))
+            problem = f': {problems[i]}' if problems[i] else ''
+            log(f'  ID {table["ID"].iat[i]}: {table["path"].iat[i]}{problem}')
         if len(rows) > 10:
             log(f'  ... and {len(rows) - 10} more')
 
 
 # ----------------------------------------------------------------------------- the rows a run uses
 
-def load_table(args, log=print, rank=0, world=1):
-    """The clean table and its decoded faces (cached), for train.py and cv.py. Rows whose image
-    cannot be read are dropped with a count; --demo makes and cleans the synthetic data first.
-    Under torchrun, process 0 makes the demo data and the image cache; the others then read them."""
-    if world > 1 and rank != 0:
-        dist.barrier()
-    table, images = read_table(args, log)
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return table, images
-
-
-def read_table(args, log):
-    if args.demo and not os.path.exists(os.path.join(args.data, 'wiki_labels.csv')):
-        log(f'making synthetic demo data in {args.data}')
-        demo_data.make_demo_data(args.data)
-    csv = args.csv or os.path.join(args.data, 'wiki_labels_clean.csv')
-    if args.demo and not os.path.exists(csv) and main(['--data', args.data, '--out', csv]) != 0:
-        raise dataset.DataError(f'cleaning the demo data in {args.data} failed (see above)')
-    if not os.path.exists(csv):
-        raise dataset.DataError(f'{csv} not found: run `python clean_data.py --data {args.data}` first '
-                                '(or pass --csv FILE)')
-    files = dataset.find_files(args.data)
-    dataset.require(files, args.data, 'images')
-    table = dataset.read_clean(csv)
-    images, ok = dataset.load_images(csv, table, files['images'], log)
-    if not ok.any():
-        raise dataset.DataError(f'none of the {len(table)} images that {csv} lists can be read in {files["images"]} '
-                                f'(first: {table["path"].iat[0]}); was the CSV made from another --data folder?')
-    if not ok.all():
-        bad = table['ID'][~ok].tolist()
-        log(f'warning: skipping {len(bad)} row(s) whose image cannot be read, IDs {bad[:10]}'
-            f'{" ..." if len(bad) > 10 else ""} (clean_data.py removes them)')
-        table, images = table[ok].reset_index(drop=True), images[ok]
-    if args.limit and args.limit < len(table):
-        keep = np.sort(np.random.default_rng(args.seed).choice(len(table), args.limit, replace=False))
-        table, images = table.iloc[keep].reset_index(drop=True), images[keep]
-    return table, images
-
-
 def training_rows(table, rows, args, where='the training part'):
     """The training part of a split, filtered by the --train-* options (validation never is). Fewer
     than 2 rows left is an error that says what each filter removed."""
     rules = metadata_rules(
-        table.iloc[rows], min_face_score=args.train_min_face_score, drop_second_face=not args.train_keep_second_face,
+        table.iloc[rows], min_face_score=args.train_min_face_score,
+        drop_second_face=not args.train_keep_second_face,
         min_age=-math.inf if args.train_min_age is None else args.train_min_age,
         max_age=math.inf if args.train_max_age is None else args.train_max_age)
     bad = np.zeros(len(rows), dtype=bool)
@@ -160,9 +129,9 @@ def training_rows(table, rows, args, where='the training part'):
         bad |= mask
     if (~bad).sum() < 2:
         removed = ', '.join(f'{rule}: {int(mask.sum())}' for rule, mask in rules.items())
-        raise dataset.DataError(f'{where} has {len(rows)} rows and {int((~bad).sum())} pass the training filters '
-                                f'({removed}); see --train-min-face-score, --train-keep-second-face, '
-                                '--train-min-age, --train-max-age')
+        raise dataset.DataError(f'{where} has {len(rows)} rows and {int((~bad).sum())} pass the '
+                                f'training filters ({removed}); see --train-min-face-score, '
+                                '--train-keep-second-face, --train-min-age, --train-max-age')
     return rows[~bad]
 
 
@@ -172,39 +141,44 @@ def validation_rows(table, folds, k):
     return np.flatnonzero((folds == k) & test_like(table))
 
 
-def draw_weights(gender):
-    """--balance-gender: male and female rows get equal total weight; unknown gender keeps its share."""
-    gender = np.asarray(gender, dtype=float)
-    w = np.ones(len(gender))
-    male, female = gender == 1, gender == 0
-    known = male.sum() + female.sum()
-    if male.any() and female.any():
-        w[male] = known / 2 / male.sum()
-        w[female] = known / 2 / female.sum()
-    return torch.from_numpy(w)
+def person_folds(person, age, k, seed):
+    """Fold number for every row: no person in two folds, each fold with a similar age mix and size.
 
-
-def epoch_order(n, weights, seed, epoch):
-    """Row positions for one epoch: a permutation, or a weighted draw with replacement.
-    Seeded by (seed, epoch) alone, so a resumed run sees the same order."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is None:
-        return torch.randperm(n, generator=g)
-    return torch.multinomial(weights, n, replacement=True, generator=g)
+    Persons are sorted by their median age and dealt out in blocks of k (after a seeded shuffle,
+    so equal ages break ties at random); inside a block the biggest person goes to the smallest
+    fold. Grouping matters because the same face in train and validation makes validation lie."""
+    frame = pd.DataFrame({'person': np.asarray(person), 'age': np.asarray(age, dtype=float)})
+    groups = frame.groupby('person', sort=True)['age'].agg(['median', 'size'])
+    rng = np.random.default_rng(seed)
+    groups['tie'] = rng.permutation(len(groups))
+    groups = groups.sort_values(['median', 'tie'])
+    fold_of = {}
+    fold_size = np.zeros(k, dtype=np.int64)
+    names, sizes = groups.index.to_numpy(), groups['size'].to_numpy()
+    for start in range(0, len(groups), k):
+        block = sorted(range(start, min(start + k, len(groups))), key=lambda i: -sizes[i])
+        free = sorted(range(k), key=lambda f: (fold_size[f], rng.random()))
+        for i, f in zip(block, free):
+            fold_of[names[i]] = f
+            fold_size[f] += sizes[i]
+    return frame['person'].map(fold_of).to_numpy(dtype=np.int64)
 
 
 def split(args, table):
     """(training rows, validation rows): a person-grouped share of 1/round(1/val_frac) validates
-    on its test-like rows, the rest trains through the --train-* filters. --val-frac 0: all train."""
+    on its test-like rows, the rest trains through the --train-* filters. --val-frac 0: all
+    train."""
     if args.val_frac:
-        folds = dataset.person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)), args.seed)
+        folds = person_folds(table['person'], table['age'], max(2, round(1 / args.val_frac)),
+                             args.seed)
     else:  # the final model: every row trains, nothing validates
         folds = np.ones(len(table), dtype=np.int64)
     val_rows = validation_rows(table, folds, 0)
     train_rows = training_rows(table, np.flatnonzero(folds != 0), args)
     if args.val_frac and len(val_rows) < 1:
-        raise dataset.DataError(f'no validation rows: the validation share of {len(table)} rows ({table["person"].nunique()} '
-                                'people) holds no test-like row (a face found, an age in 1..100)')
+        raise dataset.DataError(f'no validation rows: the validation share of {len(table)} rows '
+                                f'({table["person"].nunique()} people) holds no test-like row '
+                                f'({TEST_LIKE})')
     return train_rows, val_rows
 
 
@@ -214,11 +188,12 @@ def print_report(report, kept, table, out):
     for rule, removed, left in report:
         print(f'{rule:<{width}}  {removed if rule != report[0][0] else "":>8}  {left:>8}')
     gender = kept['gender']
-    print(f'\nkept {len(kept)} of {len(table)} rows from {kept["person"].nunique()} people; gender: '
-          f'{int((gender == 1).sum())} male, {int((gender == 0).sum())} female, '
+    print(f'\nkept {len(kept)} of {len(table)} rows from {kept["person"].nunique()} people; '
+          f'gender: {int((gender == 1).sum())} male, {int((gender == 0).sum())} female, '
           f'{int(gender.isna().sum())} unknown (kept)')
-    print(f'test-like rows (a face found, which validation scores): {int(test_like(kept).sum())}; of those '
-          f'with face score >= 1 and no second face (the old cleaning): {int(clean_only(kept).sum())}')
+    print(f'test-like rows (a face found, which validation scores): {int(test_like(kept).sum())}; '
+          'of those with face score >= 1 and no second face (the old cleaning): '
+          f'{int(clean_only(kept).sum())}')
     print(f'age: mean {kept["age"].mean():.1f}, std {kept["age"].std():.1f}, '
           f'min {kept["age"].min():.1f}, max {kept["age"].max():.1f}')
     print(f'wrote {out}')
@@ -226,17 +201,22 @@ def print_report(report, kept, table, out):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and wiki_labeled/')
+    parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and '
+                                                      'wiki_labeled/')
     parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
     parser.add_argument('--min-face-score', type=cli.number(minus_infinity=True),
-                        help='also drop rows whose face detector score is below this (#NAME? = no face = -inf); '
-                             'by default they stay, and train.py decides what it trains on')
+                        help='also drop rows whose face detector score is below this (#NAME? = no '
+                             'face = -inf); by default they stay, and train.py decides what it '
+                             'trains on')
     parser.add_argument('--drop-second-face', action='store_true',
                         help='also drop rows where a second face was detected')
-    parser.add_argument('--min-age', type=cli.number(), default=1.0, help='drop younger labels (0 = photo before birth)')
-    parser.add_argument('--max-age', type=cli.number(), default=100.0, help='drop older labels (nonsense birth dates)')
+    parser.add_argument('--min-age', type=cli.number(), default=dataset.AGE_RANGE[0],
+                        help='drop younger labels (0 = photo before birth)')
+    parser.add_argument('--max-age', type=cli.number(), default=dataset.AGE_RANGE[1],
+                        help='drop older labels (nonsense birth dates)')
     parser.add_argument('--no-image-check', action='store_true',
-                        help='do not open the images (faster; unreadable ones are then skipped at training)')
+                        help='do not open the images (faster; unreadable ones are then skipped at '
+                             'training)')
     return parser
 
 
@@ -250,13 +230,15 @@ def main(argv=None):
     def work():
         files = dataset.find_files(args.data)
         dataset.require(files, args.data, 'labels', 'images')
-        cli.refuse_overwriting_inputs(parser, '--out', out, [files['labels'], files['judge'], files['sample_submission']])
+        cli.refuse_overwriting_inputs(parser, '--out', out,
+                                      [files['labels'], files['judge'], files['sample_submission']])
         table = dataset.read_labels(files['labels'])
         kept, images, report = clean(table, files['images'], args)
         if len(kept) == 0:
             rule, removed, _ = max(report[1:], key=lambda r: r[1])
-            raise dataset.DataError(f'no usable rows: all {len(table)} rows of {files["labels"]} were removed (most by '
-                                    f'"{rule}": {removed}); the images were looked for in {files["images"]}')
+            raise dataset.DataError(f'no usable rows: all {len(table)} rows of '
+                                    f'{files["labels"]} were removed (most by "{rule}": '
+                                    f'{removed}); the images were looked for in {files["images"]}')
         dataset.write_csv(kept[dataset.CLEAN_COLUMNS], out)
         if images is not None:  # the kept rows are decoded already: cache them for train.py
             dataset.save_cache(out, list(kept['path']), images, np.ones(len(kept), bool))

@@ -1,6 +1,6 @@
 """The command line every script shares: the --help layout, the training options of train.py and
-cv.py (and the flags other scripts share), number flags that refuse what cannot work, Ctrl-C
-during training, and one way to end on a mistake the user can fix.
+cv.py (their defaults from train.py's RECIPE table), number flags that refuse what cannot work,
+and one way to end on a mistake the user can fix.
 
 A mistake ends a script with one line on stderr that names the file, row or flag, and an exit
 code: 2 for a flag (argparse's usage errors), 1 for a bad input file or a run that failed, 130 for
@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 
 import torch
@@ -21,13 +20,9 @@ import models
 
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-# The CPU trains more per second at a small batch (the activations stay in the caches), a GPU
-# needs large ones to be busy (RESULTS.md, Speed).
-CPU_BATCH, GPU_BATCH = 32, 128
-DEFAULT_SIZE = {'cnn': 48, 'resnet50': 100}  # the cnn learns most per CPU-second at 48 px (RESULTS.md)
-DEFAULT_LOSS = {'cnn': 'dex', 'resnet50': 'smoothl1'}  # measured on the cnn only (RESULTS.md)
 DEMO_DIR = os.path.join('data', 'demo')
-DEFAULT_EPOCHS = 30
+# The options whose default is the model's column in the recipe table (train.RECIPE).
+PER_MODEL = ('weights', 'size', 'loss', 'lr', 'backbone_lr', 'weight_decay', 'epochs')
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -44,12 +39,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def number(kind=float, at_least=None, above=None, at_most=None, below=None, minus_infinity=False):
     """An argparse `type` for a number flag: `kind` (float or int), within the bounds given. NaN is
     never a value a flag can mean, nor infinity, but for -inf where `minus_infinity` allows it (a
-    face-score threshold of -inf keeps every row). A value outside is a usage error naming the flag."""
+    face-score threshold of -inf keeps every row). A value outside is a usage error naming the
+    flag."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not {"a whole number" if kind is int else "a number"}')
+            raise argparse.ArgumentTypeError(f'{text!r} is not '
+                                             f'{"a whole number" if kind is int else "a number"}')
         if math.isnan(value) or (math.isinf(value) and not (minus_infinity and value < 0)):
             raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
         if at_least is not None and value < at_least:
@@ -62,7 +59,8 @@ def number(kind=float, at_least=None, above=None, at_most=None, below=None, minu
             raise argparse.ArgumentTypeError(f'must be < {below:g}, got {text}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
-    parse.kind, parse.minus_infinity = kind, minus_infinity  # what the tests check every number flag by
+    # what the tests check every number flag by
+    parse.kind, parse.minus_infinity = kind, minus_infinity
     return parse
 
 
@@ -71,107 +69,144 @@ def add_device(parser, help='where to run'):
 
 
 def add_compile(parser, help):
-    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE', choices=COMPILE_MODES, help=help)
+    parser.add_argument('--compile', nargs='?', const='default', metavar='MODE',
+                        choices=COMPILE_MODES, help=help)
 
 
 # ----------------------------------------------------------------------------- the training options
 
-def add_train_options(parser):
-    """Every option of one training run; cv.py takes the same ones under the same names."""
-    parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, wiki_labeled/)')
-    parser.add_argument('--csv', help='clean CSV from clean_data.py (default: DATA/wiki_labels_clean.csv)')
+def per_model(recipe, key):
+    """'dex for cnn, smoothl1 for resnet50' (or one value when the models agree): for --help."""
+    values = {model: recipe[key][model] for model in models.MODELS}
+    if len(set(values.values())) == 1:
+        return f'{values[models.MODELS[0]]}'
+    return ', '.join(f'{value} for {model}' for model, value in values.items())
+
+
+def add_train_options(parser, recipe, demo):
+    """Every option of one training run; cv.py takes the same ones under the same names. Their
+    defaults come from `recipe` (a column per model) and with --demo from `demo`: train.py's
+    RECIPE and DEMO, kept on the parser for parse_args."""
+    parser.recipe, parser.demo = recipe, demo
+    parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, '
+                                                            'wiki_labeled/)')
+    parser.add_argument('--csv', help='clean CSV from clean_data.py (default: '
+                                      'DATA/wiki_labels_clean.csv)')
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
-    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a state-dict FILE '
-                                          '(default: imagenet for resnet50, none for cnn)')
+    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a '
+                                          'state-dict FILE (default: '
+                                          f'{per_model(recipe, "weights")})')
     parser.add_argument('--loss', choices=sorted(models.LOSSES),
-                        help='training loss; dex: 101 age classes, soft labels, the expected age as prediction '
-                        f"(default: {DEFAULT_LOSS['cnn']} for cnn, {DEFAULT_LOSS['resnet50']} for resnet50)")
+                        help='training loss; dex: 101 age classes, soft labels, the expected age '
+                             f'as prediction (default: {per_model(recipe, "loss")})')
     parser.add_argument('--epochs', type=number(int, at_least=1),
-                        help=f'passes over the training rows (default: {DEFAULT_EPOCHS}; with --time-limit, as many as '
-                             'fit: the limit ends the run, its learning-rate decay ending with it)')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), help=f'images per step, over all GPUs '
-                        f'(default: {GPU_BATCH} on a GPU, {CPU_BATCH} on the CPU)')
-    parser.add_argument('--lr', type=number(above=0), default=1e-3,
-                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of all layers from scratch')
+                        help='passes over the training rows (default: '
+                             f'{per_model(recipe, "epochs")}; with --time-limit, as many as fit: '
+                             'the limit ends the run, its learning-rate decay ending with it)')
+    parser.add_argument('--batch-size', type=number(int, at_least=1),
+                        help='images per step, over all GPUs (default: '
+                             f'{per_model(recipe, "batch_gpu")} on a GPU, '
+                             f'{per_model(recipe, "batch_cpu")} on the CPU)')
+    parser.add_argument('--lr', type=number(above=0),
+                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of '
+                             f'all layers from scratch (default: {per_model(recipe, "lr")})')
     parser.add_argument('--backbone-lr', type=number(above=0),
-                        help='peak learning rate of a pretrained backbone (default: lr/10 with --weights imagenet '
-                             'or FILE, else lr)')
-    parser.add_argument('--weight-decay', type=number(at_least=0), default=1e-4,
-                        help='AdamW weight decay of conv and linear weights (norm layers and biases get none)')
+                        help='peak learning rate of a pretrained backbone (default: lr/10 with '
+                             '--weights imagenet or FILE, else lr)')
+    parser.add_argument('--weight-decay', type=number(at_least=0),
+                        help='AdamW weight decay of conv and linear weights (norm layers and '
+                             f'biases get none) (default: {per_model(recipe, "weight_decay")})')
     parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
-                        help='decay of an exponential moving average of the weights, which is then what is '
-                             'validated and saved in best.pt (0: off)')
+                        help='decay of an exponential moving average of the weights, which is then '
+                             'what is validated and saved in best.pt (0: off)')
     parser.add_argument('--no-tta', action='store_true',
-                        help='validate without averaging each face with its mirror image (predict.py has its own)')
+                        help='validate without averaging each face with its mirror image '
+                             '(predict.py has its own)')
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
                         help='model input size in pixels; the images are 100x100 '
-                        f"(default: {DEFAULT_SIZE['cnn']} for cnn, {DEFAULT_SIZE['resnet50']} for resnet50)")
-    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour augmentation')
+                             f'(default: {per_model(recipe, "size")})')
+    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour '
+                                                                  'augmentation')
     parser.add_argument('--balance-gender', action='store_true',
-                        help='oversample the rarer gender in the TRAINING part (never in validation)')
+                        help='oversample the rarer gender in the TRAINING part (never in '
+                             'validation)')
     parser.add_argument('--train-min-face-score', type=number(minus_infinity=True), default=1.0,
-                        help='train only on rows with at least this face score (#NAME?, no face, is -inf); '
-                             'validation keeps every row where a face was found, as the test set does')
+                        help='train only on rows with at least this face score (#NAME?, no face, '
+                             'is -inf); validation keeps every row where a face was found, as the '
+                             'test set does')
     parser.add_argument('--train-keep-second-face', action='store_true',
-                        help='also train on rows where a second face was detected (validation always keeps them)')
-    parser.add_argument('--train-max-age', type=number(), help='also drop training rows older than this')
-    parser.add_argument('--train-min-age', type=number(), help='also drop training rows younger than this')
+                        help='also train on rows where a second face was detected (validation '
+                             'always keeps them)')
+    parser.add_argument('--train-max-age', type=number(), help='also drop training rows older than '
+                                                               'this')
+    parser.add_argument('--train-min-age', type=number(), help='also drop training rows younger '
+                                                               'than this')
     parser.add_argument('--patience', type=number(int, at_least=0), default=0,
-                        help='stop after this many epochs without a better val RMSE; 0: never (with a cosine '
-                             'decay the best epochs are the last, so the default runs the schedule to its end)')
-    parser.add_argument('--limit', type=number(int, at_least=4), help='use only N randomly chosen rows (smoke tests)')
+                        help='stop after this many epochs without a better val RMSE; 0: never '
+                             '(with a cosine decay the best epochs are the last, so the default '
+                             'runs the schedule to its end)')
+    parser.add_argument('--limit', type=number(int, at_least=4), help='use only N randomly chosen '
+                                                                      'rows (smoke tests)')
     parser.add_argument('--seed', type=number(int, at_least=0), default=0,
                         help='seed of the split, the initial weights and the draws')
     add_device(parser, help='where to train')
     parser.add_argument('--time-limit', type=number(above=0),
-                        help='minutes (in cv.py: for each run); stop cleanly after the step that crosses it')
-    add_compile(parser, help='torch.compile the model (a slower start); MODE reduce-overhead adds CUDA graphs')
-    parser.add_argument('--log-every', type=number(int, at_least=1), default=50, help='steps between progress lines')
+                        help='minutes (in cv.py: for each run); stop cleanly after the step that '
+                             'crosses it')
+    add_compile(parser, help='torch.compile the model (a slower start); MODE reduce-overhead adds '
+                             'CUDA graphs')
+    parser.add_argument('--log-every', type=number(int, at_least=1), default=50, help='steps '
+                                                                                      'between '
+                                                                                      'progress '
+                                                                                      'lines')
     parser.add_argument('--demo', action='store_true',
-                        help=f'make synthetic data in {DEMO_DIR} if absent and use CPU-sized presets')
+                        help=f'make synthetic data in {DEMO_DIR} if absent and use the CPU-sized '
+                             'demo presets (train.py DEMO)')
 
 
-def demo_presets(model, cv=False):
-    """What --demo sets, for every option the command line leaves out: synthetic faces, from scratch,
-    sized for a 2-core laptop CPU. It ends by epochs, not minutes, so every machine prints the same
-    numbers (a slower one later): train.py in 1-2 minutes (cnn), cv.py's five folds in under five
-    minutes (resnet50); RESULTS.md, Demos."""
-    # ResNet-50's steps at 32 px are too small to keep 2 cores busy at batch 32 (RESULTS.md, Speed).
-    epochs = {('cnn', False): 25, ('cnn', True): 10, ('resnet50', False): 15, ('resnet50', True): 6}[model, cv]
-    return dict(data=DEMO_DIR, model=model, weights='none', lr=2e-3, epochs=epochs,
-                batch_size={'cnn': 32, 'resnet50': 48}[model], size={'cnn': 64, 'resnet50': 32}[model])
+def demo_presets(parser, model, cv=False):
+    """What --demo sets, for every option the command line leaves out: the model's column of the
+    demo table, with cv.py's epochs for cv.py."""
+    presets = {key: column[model] for key, column in parser.demo.items() if key != 'cv_epochs'}
+    if cv:
+        presets['epochs'] = parser.demo['cv_epochs'][model]
+    return dict(presets, data=DEMO_DIR, model=model)
 
 
 def parse_args(parser, argv=None, cv=False):
     """Parse, fill in the --demo presets (cv.py's with cv=True) and the per-model and per-device
-    defaults, check."""
+    defaults of the recipe, check."""
     args = parser.parse_args(argv)
     if args.demo:  # the presets become defaults, so every flag on the command line still wins
         parser.set_defaults(model='cnn')
         model = parser.parse_args(argv).model
-        parser.set_defaults(**demo_presets(model, cv))
+        parser.set_defaults(**demo_presets(parser, model, cv))
         args = parser.parse_args(argv)
-    if args.weights is None:
-        args.weights = 'imagenet' if args.model == 'resnet50' else 'none'
-    if args.size is None:
-        args.size = DEFAULT_SIZE[args.model]
-    if args.loss is None:
-        args.loss = DEFAULT_LOSS[args.model]
-    if args.epochs is None and not args.time_limit:
-        args.epochs = DEFAULT_EPOCHS
+    for key in PER_MODEL:
+        if getattr(args, key) is None and not (key == 'epochs' and args.time_limit):
+            setattr(args, key, parser.recipe[key][args.model])
     if args.batch_size is None:
-        on_gpu = args.device in ('cuda', 'mps') or (args.device == 'auto' and models.pick_device('auto').type != 'cpu')
-        args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+        auto_gpu = args.device == 'auto' and models.pick_device('auto').type != 'cpu'
+        on_gpu = args.device in ('cuda', 'mps') or auto_gpu
+        args.batch_size = parser.recipe['batch_gpu' if on_gpu else 'batch_cpu'][args.model]
     check_args(parser, args)
     return args
 
 
-def check_args(parser, args):
-    """What the flags' own types cannot check, as usage errors (exit code 2) before anything loads."""
+def check_size(parser, args):
     if args.size < models.MIN_SIZE[args.model]:
-        parser.error(f'--size {args.size} is too small for {args.model} (at least {models.MIN_SIZE[args.model]})')
-    if None not in (args.train_min_age, args.train_max_age) and args.train_min_age > args.train_max_age:
-        parser.error(f'--train-min-age {args.train_min_age:g} is above --train-max-age {args.train_max_age:g}')
+        parser.error(f'--size {args.size} is too small for {args.model} (at least '
+                     f'{models.MIN_SIZE[args.model]})')
+
+
+def check_args(parser, args):
+    """What the flags' own types cannot check, as usage errors (exit code 2) before anything
+    loads."""
+    check_size(parser, args)
+    if None not in (args.train_min_age,
+                    args.train_max_age) and args.train_min_age > args.train_max_age:
+        parser.error(f'--train-min-age {args.train_min_age:g} is above --train-max-age '
+                     f'{args.train_max_age:g}')
 
 
 def flags(parser, values, skip=(), changed_only=False):
@@ -180,7 +215,8 @@ def flags(parser, values, skip=(), changed_only=False):
     out = []
     for action in parser._actions:
         value = values.get(action.dest)
-        if not action.option_strings or action.dest in ('help', *skip) or value is None or value is False:
+        if not action.option_strings or action.dest in ('help',
+                                                        *skip) or value is None or value is False:
             continue
         if changed_only and value == action.default:
             continue
@@ -190,17 +226,39 @@ def flags(parser, values, skip=(), changed_only=False):
 
 def parse_saved(parser, values, source):
     """Options saved in a file (a checkpoint's vars(args)), parsed again as if typed, so that an
-    edited or damaged value is refused by the same checks as on the command line, naming `source`."""
+    edited or damaged value is refused by the same checks as on the command line, naming
+    `source`."""
     def refuse(message):
         raise models.CheckpointError(f'{source}: its saved options are refused ({message})')
     parser.error = refuse
     return parse_args(parser, flags(parser, values, skip=('demo', 'resume', 'out_dir')))
 
 
-# ----------------------------------------------------------------------------- errors, exit codes, signals
+def resumed_options(parser, args, fresh_parser):
+    """train.py --resume RUN_DIR: (the options saved in RUN_DIR/last.pt, but for those that may
+    change between sessions; the checkpoint), or (args, None) after a one-line error."""
+    last = os.path.join(args.resume, 'last.pt')
+    if not os.path.exists(last):
+        done = os.path.exists(os.path.join(args.resume, 'metrics.json'))
+        why = 'the run finished (metrics.json is there)' if done else 'no last.pt to resume from'
+        parser.error(f'--resume {args.resume}: {why}')
+    try:
+        resume = models.load_checkpoint(last, resumable=True)
+        changeable = {k: getattr(args, k) for k in ('device', 'time_limit', 'log_every')}
+        saved = parse_saved(fresh_parser, {**resume['args'], **changeable}, last)
+    except models.CheckpointError as e:
+        error(f'--resume {args.resume}: {last} cannot be resumed from ({e})')
+        return args, None
+    return argparse.Namespace(**{**vars(saved), 'demo': bool(resume['args'].get('demo')),
+                                 'resume': args.resume, 'out_dir': args.resume}), resume
+
+
+# ----------------------------------------------------------------------------- errors, exit codes,
+# folders
 
 def refuse_overwriting_inputs(parser, flag, out, inputs):
-    """A usage error when the output file `out` is one of the input files: never overwrite an input."""
+    """A usage error when the output file `out` is one of the input files: never overwrite an
+    input."""
     if out is None:
         return
     for path in inputs:
@@ -221,13 +279,20 @@ def run(work, batch_size=None, interrupted='interrupted'):
     except dataset.UserError as e:
         error(e)
     except torch.OutOfMemoryError:
-        error(f'out of GPU memory at --batch-size {batch_size}; try --batch-size {max(1, (batch_size or 2) // 2)}')
+        error(f'out of GPU memory at --batch-size {batch_size}; try --batch-size '
+              f'{max(1, (batch_size or 2) // 2)}')
     except KeyboardInterrupt:
         error(interrupted)
         return 130
     except OSError as e:  # a folder that cannot be made, a disk that is full, ...
         error(f'{e.filename}: {e.strerror or e}' if e.filename else e)
     return 1
+
+
+def log_on(rank):
+    """The log of a process: print (flushed, for `tail -f`) on process 0 of a torchrun job and in
+    a plain run, nothing on the others, which would repeat it."""
+    return (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
 
 
 @contextlib.contextmanager
@@ -242,30 +307,3 @@ def output_folder(path):
         if not existed and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
         raise
-
-
-class Stop:
-    """While training, Ctrl-C / SIGTERM set a flag and the loop saves a resumable checkpoint at the
-    end of the step; a second Ctrl-C gives up at once. Outside training they act as usual."""
-    signal = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def catching(cls):
-        def handler(signum, frame):
-            if cls.signal is not None:
-                raise KeyboardInterrupt
-            cls.signal = signum
-            print(f'\n{signal.Signals(signum).name}: stopping after this step, saving last.pt ...', flush=True)
-        cls.signal = None
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-def fmt_time(seconds):
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

@@ -1,17 +1,17 @@
 """K-fold cross-validation, grouped by person and stratified by age, with a grid search.
 
-    python cv.py --demo --model resnet50                          # synthetic faces, CPU, < 5 minutes
+    python cv.py --demo --model resnet50                          # synthetic faces, on a laptop CPU
     python cv.py --model resnet50 --loss smoothl1 --folds 5       # the real data in data/wiki
     python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
     torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
 
 Every training option of train.py works here under the same name and is fixed for all runs
 (train.py's own --val-frac, --out-dir and --resume are cv.py's --folds, --out-dir and running the
-same command again); --grid gives an option several values, and every combination runs on every fold. The images are decoded once for
-the whole grid. Running the same command again skips the finished (combination, fold) pairs and
-resumes an interrupted one. The run directory gets folds.csv, results.csv, summary.csv,
-oof_predictions.csv, predictions.png, error_by_decade.png and fold_models.csv
-(for `python predict.py --checkpoint RUN_DIR`).
+same command again); --grid gives an option several values, and every combination runs on every
+fold. The images are decoded once for the whole grid. Running the same command again skips the
+finished (combination, fold) pairs and resumes an interrupted one. The run directory gets
+folds.csv, results.csv, summary.csv, oof_predictions.csv, predictions.png, error_by_decade.png and
+fold_models.csv (for `python predict.py --checkpoint RUN_DIR`).
 """
 import argparse
 import datetime
@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.distributed as dist
 
 import clean_data
@@ -35,27 +34,34 @@ import metrics
 import models
 import train
 
-# Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's own.
-NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit', 'seed',
+# Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's
+# own.
+NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit',
+                 'seed',
                  'folds', 'grid', 'out_dir', 'keep_all_models'}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    cli.add_train_options(parser)
-    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5, help='folds, grouped by person')
+    cli.add_train_options(parser, train.RECIPE, train.DEMO)
+    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5, help='folds, '
+                                                                                     'grouped by '
+                                                                                     'person')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
-                        help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 batch_size=64,128')
-    parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or runs/cv-demo-MODEL)')
+                        help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 '
+                             'batch_size=64,128')
+    parser.add_argument('--out-dir', help='run directory (default: runs/cv-MODEL, or '
+                                          'runs/cv-demo-MODEL)')
     parser.add_argument('--keep-all-models', action='store_true',
-                        help='keep every fold model of every combination, not only the best combination')
+                        help='keep every fold model of every combination, not only the best '
+                             'combination')
     return parser
 
 
 def parse_grid(parser, items):
-    """['lr=1e-3,3e-4', 'loss=mse'] -> [{'lr': 0.001, 'loss': 'mse'}, {'lr': 0.0003, 'loss': 'mse'}].
-    Each value is parsed by the command-line option of the same name, so it is converted and
-    checked exactly as `--lr 1e-3` would be."""
+    """['lr=1e-3,3e-4', 'loss=mse'] -> [{'lr': 0.001, 'loss': 'mse'}, {'lr': 0.0003, 'loss':
+    'mse'}]. Each value is parsed by the command-line option of the same name, so it is converted
+    and checked exactly as `--lr 1e-3` would be."""
     defaults = vars(parser.parse_args([]))
     keys, value_lists = [], []
     for item in items:
@@ -93,7 +99,9 @@ def combo_name(combo):
 
 def command_line(script, args):
     """The command that reproduces args: every option that differs from its default."""
-    return ' '.join(['python', script, *cli.flags(build_parser(), vars(args), skip=('grid', 'demo'), changed_only=True)])
+    return ' '.join(['python', script,
+                     *cli.flags(build_parser(), vars(args), skip=('grid', 'demo'),
+                                changed_only=True)])
 
 
 def summarize(results):
@@ -101,9 +109,9 @@ def summarize(results):
     and R^2 on the test-like rows (and of RMSE on the old clean rows), best first. A combination
     that diverged on any fold gets no mean (NaN) and sorts last. mean_rmse: what predicting the
     training rows' mean age scores on the same validation rows, the line any model must beat."""
-    metrics = ['rmse', 'mae', 'r2'] + [m for m in ('rmse_clean', 'mean_rmse') if m in results]
+    columns = [m for m in (*train.VAL_SCORES, 'mean_rmse') if m in results]
     grouped = results.groupby('combination', sort=False)
-    summary = grouped[metrics].agg(['mean', 'std'])
+    summary = grouped[columns].agg(['mean', 'std'])
     summary.columns = [f'{m}_{s}' for m, s in summary.columns]
     scores = list(summary.columns)
     summary['folds'] = grouped.size()
@@ -119,9 +127,12 @@ def main(argv=None):
     combos = parse_grid(parser, args.grid)
     for combo in combos:  # each combination must be a valid train.py run
         cli.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
-    args.out_dir = args.out_dir or os.path.join('runs', f'cv-demo-{args.model}' if args.demo else f'cv-{args.model}')
+    name = f'cv-demo-{args.model}' if args.demo else f'cv-{args.model}'
+    args.out_dir = args.out_dir or os.path.join('runs', name)
     # The same command again resumes; a different one must not mix its results into this folder.
-    identity = {k: v for k, v in vars(args).items() if k not in ('device', 'time_limit', 'log_every', 'compile')}
+    identity = {k: v for k,
+                v in vars(args).items() if k not in ('device', 'time_limit', 'log_every',
+                                                     'compile')}
     check_out_dir(parser, args.out_dir, identity)
     return cli.run(lambda: cv_command(args, combos, identity), batch_size=args.batch_size,
                    interrupted='interrupted; run the same command again to go on')
@@ -129,7 +140,8 @@ def main(argv=None):
 
 def check_out_dir(parser, out_dir, identity):
     """A usage error when out_dir holds results of another command, or is not a cv.py run. A folder
-    whose run failed before any result (bad data, too many folds) is free for the corrected command."""
+    whose run failed before any result (bad data, too many folds) is free for the corrected
+    command."""
     config_path = os.path.join(out_dir, 'config.json')
     if os.path.exists(config_path):
         try:
@@ -139,10 +151,11 @@ def check_out_dir(parser, out_dir, identity):
             saved = {}
         changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         cells = os.path.join(out_dir, 'cells')
-        has_results = any(name in ('result.json', 'last.pt') for _, _, names in os.walk(cells) for name in names)
+        has_results = any(name in ('result.json', 'last.pt') for _, _,
+                          names in os.walk(cells) for name in names)
         if changed and has_results:
-            parser.error(f'--out-dir {out_dir} holds a CV run with other options ({", ".join(changed)}); '
-                         'choose a new --out-dir')
+            parser.error(f'--out-dir {out_dir} holds a CV run with other options '
+                         f'({", ".join(changed)}); choose a new --out-dir')
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         parser.error(f'--out-dir {out_dir} exists and is not a cv.py run; choose a new --out-dir')
 
@@ -150,12 +163,11 @@ def check_out_dir(parser, out_dir, identity):
 def cv_command(args, combos, identity):
     # Under torchrun each process takes every world_size-th (combination, fold) run on its own GPU;
     # gloo only for the final barrier, with a long timeout: a rank may wait hours for the others.
-    with models.distributed(args.device, backend='gloo', timeout=datetime.timedelta(days=7)) as (rank, world, device):
-        log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-        table, images = clean_data.load_table(args, log, rank, world)
-        folds = dataset.person_folds(table['person'], table['age'], args.folds, args.seed)
+    with models.distributed(args.device, backend='gloo',
+                            timeout=datetime.timedelta(days=7)) as (rank, world, device):
+        log = cli.log_on(rank)
+        table, images = dataset.load_table(args, log, rank, world)
+        folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
         check_folds(args, combos, table, folds)
         n_cells = len(combos) * args.folds
         log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
@@ -163,13 +175,15 @@ def cv_command(args, combos, identity):
         with cli.output_folder(args.out_dir):  # made only now that the inputs are checked
             if rank == 0:
                 dataset.write_json(identity, os.path.join(args.out_dir, 'config.json'))
-                dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'], 'fold': folds}),
+                dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'],
+                                                'fold': folds}),
                                   os.path.join(args.out_dir, 'folds.csv'))
             images = dataset.place_images(images, device, log)
             cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
             for i, (c, k) in enumerate(cells):
                 if i % world == rank:
-                    run_cell(args, combos[c], k, folds, table, images, device, log, f'[{i + 1}/{n_cells}]')
+                    run_cell(args, combos[c], k, folds, table, images, device, log,
+                             f'[{i + 1}/{n_cells}]')
             if world > 1:
                 dist.barrier()
             if rank == 0:
@@ -181,13 +195,16 @@ def check_folds(args, combos, table, folds):
     every combination's filters: checked for all runs before the first one starts."""
     for k in range(args.folds):
         if (folds == k).sum() == 0:
-            raise dataset.DataError(f'{args.folds} folds but only {table["person"].nunique()} people; use fewer --folds')
+            raise dataset.DataError(f'{args.folds} folds but only '
+                                    f'{table["person"].nunique()} people; use fewer --folds')
         if len(clean_data.validation_rows(table, folds, k)) == 0:
-            raise dataset.DataError(f'fold {k} of {args.folds} has no test-like row to validate on (a face found, '
-                                    f'an age in 1..100) among {int((folds == k).sum())} rows; use fewer --folds '
-                                    'or more rows')
+            raise dataset.DataError(f'fold {k} of {args.folds} has no test-like row to validate on '
+                                    f'({clean_data.TEST_LIKE}) among '
+                                    f'{int((folds == k).sum())} rows; use fewer --folds or more '
+                                    'rows')
         for combo in combos:
-            clean_data.training_rows(table, np.flatnonzero(folds != k), argparse.Namespace(**{**vars(args), **combo}),
+            clean_data.training_rows(table, np.flatnonzero(folds != k),
+                                     argparse.Namespace(**{**vars(args), **combo}),
                                      where=f'fold {k}\'s training part ({combo_name(combo)})')
 
 
@@ -210,17 +227,20 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
     cell_args = argparse.Namespace(**{**vars(args), **combo})
     val_rows = clean_data.validation_rows(table, folds, k)
     train_rows = clean_data.training_rows(table, np.flatnonzero(folds != k), cell_args)
-    log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
+    log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation '
+        'rows')
     try:
-        result = train.fit(cell_args, images, table, train_rows, val_rows, out, device, resume=resume, log=log)
+        rows = train.make_rows(cell_args, images, table, train_rows, val_rows)
+        result = train.fit(cell_args, rows, out, device, resume=resume, log=log)
         result.pop('val_pred')
     except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
         log(f'{tag} {combo_name(combo)} fold {k}: {e}')
-        result = {'val_rmse': math.nan, 'val_mae': math.nan, 'val_r2': math.nan, 'val_rmse_clean': math.nan,
-                  'best_epoch': -1,
-                  'train_img_per_s': math.nan, 'seconds': 0.0, 'stopped': 'diverged'}
+        result = {**train.val_columns(), 'best_epoch': -1, 'train_img_per_s': math.nan,
+                  'seconds': 0.0,
+                  'stopped': 'diverged'}
     ages = table['age'].to_numpy(dtype=np.float64)
-    result['mean_rmse'] = metrics.scores(ages[val_rows], np.full(len(val_rows), ages[train_rows].mean()))['rmse']
+    result['mean_rmse'] = metrics.scores(ages[val_rows],
+                                         np.full(len(val_rows), ages[train_rows].mean()))['rmse']
     dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 
@@ -230,25 +250,30 @@ def report(args, combos, log):
                for combo in combos for k in range(args.folds)
                if not os.path.exists(os.path.join(cell_dir(args, combo, k), 'result.json'))]
     if missing:  # a torchrun process failed, or the files went missing after the run
-        raise dataset.DataError(f'{len(missing)} run(s) have no result: {", ".join(missing[:5])}'
-                                f'{" ..." if len(missing) > 5 else ""}; run the same command again to train them')
+        raise dataset.DataError(f'{len(missing)} run(s) have no result: '
+                                f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}; '
+                                'run the same command again to train them')
     rows = []
     for combo in combos:
         for k in range(args.folds):
             with open(os.path.join(cell_dir(args, combo, k), 'result.json')) as f:
                 r = json.load(f)
-            rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'], 'fold': k,
-                         'rmse': r['val_rmse'], 'mae': r['val_mae'], 'r2': r['val_r2'],
-                         'rmse_clean': r.get('val_rmse_clean', math.nan), 'mean_rmse': r.get('mean_rmse', math.nan),
-                         'best_epoch': r['best_epoch'], 'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
+            scores = {key: r.get(f'val_{key}', math.nan) for key in train.VAL_SCORES}
+            rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'],
+                         'fold': k,
+                         **scores, 'mean_rmse': r.get('mean_rmse', math.nan),
+                         'best_epoch': r['best_epoch'],
+                         'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
     results = pd.DataFrame(rows)
     dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))
     summary = summarize(results)
     dataset.write_csv(summary, os.path.join(args.out_dir, 'summary.csv'))
-    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format', '{:.3f}'.format):
+    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format',
+                           '{:.3f}'.format):
         log('\nsummary (mean and std over folds, best first):\n' + summary.to_string(index=False))
     if summary['rmse_mean'].isna().all():
-        log('every combination diverged on some fold: no best combination (try lower learning rates)')
+        log('every combination diverged on some fold: no best combination (try lower learning '
+            'rates)')
         return
     best_name = summary['combination'].iloc[0]
     best = next(c for c in combos if combo_name(c) == best_name)
@@ -260,13 +285,14 @@ def report(args, combos, log):
     oof = pd.concat(oof).sort_values('ID')
     dataset.write_csv(oof, os.path.join(args.out_dir, 'oof_predictions.csv'))
     overall = metrics.scores(oof['age'], oof['prediction'])
-    metrics.plot_both(os.path.join(args.out_dir, 'predictions.png'), os.path.join(args.out_dir, 'error_by_decade.png'),
-                      oof['age'], oof['prediction'], f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)')
+    metrics.report(args.out_dir, oof['age'], oof['prediction'],
+                   f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)', log)
 
-    fold_models = pd.DataFrame({'fold': range(args.folds),
-                                'checkpoint': [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'),
-                                                               args.out_dir) for k in range(args.folds)],
-                                'val_rmse': results[results['combination'] == best_name]['rmse'].to_numpy()})
+    checkpoints = [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'), args.out_dir)
+                   for k in range(args.folds)]
+    fold_rmse = results.loc[results['combination'] == best_name, 'rmse'].to_numpy()
+    fold_models = pd.DataFrame({'fold': range(args.folds), 'checkpoint': checkpoints,
+                                'val_rmse': fold_rmse})
     dataset.write_csv(fold_models, os.path.join(args.out_dir, 'fold_models.csv'))
     if not args.keep_all_models:
         for combo in combos:
@@ -276,12 +302,13 @@ def report(args, combos, log):
                     if os.path.exists(path):
                         os.remove(path)
 
-    log(f'\nbest: {best_name}: RMSE {summary["rmse_mean"].iloc[0]:.3f} +- {summary["rmse_std"].iloc[0]:.3f}, '
-        f'R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold predictions pooled: RMSE {overall["rmse"]:.3f}, '
-        f'R^2 {overall["r2"]:.3f}')
+    log(f'\nbest: {best_name}: RMSE {summary["rmse_mean"].iloc[0]:.3f} +- '
+        f'{summary["rmse_std"].iloc[0]:.3f}, R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold '
+        f'predictions pooled: RMSE {overall["rmse"]:.3f}, R^2 {overall["r2"]:.3f}')
     best_args = argparse.Namespace(**{**vars(args), **best, 'out_dir': None})
     log('reproduce the best combination:\n  ' + command_line('cv.py', best_args))
-    log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} --data {args.data}')
+    log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} --data '
+        f'{args.data}')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,10 @@
-"""Reading the Kaggle files, decoding the faces once, person-grouped folds and batch augmentation.
+"""Reading the Kaggle files, decoding the faces once, and batch augmentation.
 
 The other scripts import from here: the CSV parsers (Kaggle writes list literals and `#NAME?`),
-the image cache (every image decoded once into one uint8 array), the person-grouped folds, and
-`to_model_input`, the ONE preprocessing path used by training, validation, cross-validation and
-prediction. Which rows train and which validate is clean_data.py's business, beside its rules.
+the image cache (every image decoded once into one uint8 array), `load_table` (the clean table
+and its faces, for train.py and cv.py), and `to_model_input`, the ONE preprocessing path used by
+training, validation, cross-validation and prediction. Which rows train and which validate is
+clean_data.py's business, beside its rules.
 """
 import csv
 import hashlib
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
@@ -26,7 +28,9 @@ LABEL_COLUMNS = ['ID', 'dob', 'dob_str', 'photo_taken', 'full_path', 'gender', '
                  'face_location', 'face_score', 'second_face_score', 'age']
 JUDGE_COLUMNS = ['ID', 'full_path']
 CLEAN_COLUMNS = ['ID', 'path', 'age', 'gender', 'face_score', 'second_face_score', 'person', 'name']
-MAX_AGE = 1000.0  # years: no wiki label is above 792, so a clean CSV with more was damaged or edited
+AGE_RANGE = (1.0, 100.0)  # years: a possible age; cleaning keeps these, predictions are clipped
+# years: no wiki label is above 792, so a clean CSV with more was damaged or edited
+MAX_AGE = 1000.0
 
 # An image Pillow deems a decompression bomb (over 89 million pixels) is an unreadable file here,
 # reported with its row like any other, not a warning printed from inside Pillow.
@@ -35,7 +39,8 @@ warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 class UserError(Exception):
     """Something the user can fix: a bad input file, row, checkpoint or output path, a run that
-    diverged. The message names the culprit; cli.run prints it as one line and returns exit code 1."""
+    diverged. The message names the culprit; cli.run prints it as one line and returns exit code
+    1."""
 
 
 class DataError(UserError):
@@ -52,7 +57,8 @@ def write_atomic(path, write):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f'cannot write {path}: its folder {folder} cannot be made ({e.strerror or e})') from None
+        raise UserError(f'cannot write {path}: its folder {folder} cannot be made '
+                        f'({e.strerror or e})') from None
     root, ext = os.path.splitext(path)
     tmp = f'{root}.tmp{os.getpid()}{ext}'  # keep the extension: np.savez and PIL go by it
     try:
@@ -104,8 +110,10 @@ def require(files, data_dir, *keys):
                   'judge_images': 'wiki_judge_images/wiki_judge_images/ or wiki_judge_images/'}
     missing = [looked_for[k] for k in keys if files[k] is None]
     if missing:
-        raise DataError(f'{data_dir} lacks ' + ', '.join(missing) + ' (unpack the Kaggle zip there, '
-                        'or run `python train.py --demo` for synthetic data)')
+        raise DataError(f'{data_dir} lacks ' + ', '.join(missing) + ' (unpack the Kaggle zip '
+                                                                    'there, or run `python '
+                                                                    'train.py --demo` for '
+                                                                    'synthetic data)')
 
 
 # ----------------------------------------------------------------------------- CSV parsing
@@ -149,7 +157,8 @@ def read_csv_strict(path, columns):
         raise DataError(f'{path}: cannot read ({e.strerror or e})') from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found {", ".join(df.columns)}')
+        raise DataError(f'{path}: missing column(s) {", ".join(missing)}; found '
+                        f'{", ".join(df.columns)}')
     if len(df) == 0:
         raise DataError(f'{path}: has a header but no rows')
     return df
@@ -164,8 +173,8 @@ def check_row_widths(path):
         for row in reader:
             if row and len(row) != width:
                 why = 'is the file truncated?' if len(row) < width else 'a comma too many?'
-                raise DataError(f'{path}: line {reader.line_num} has {len(row)} of {width} fields ({why}): '
-                                f'{",".join(row)[:200]}')
+                raise DataError(f'{path}: line {reader.line_num} has {len(row)} of {width} fields '
+                                f'({why}): {",".join(row)[:200]}')
 
 
 def parse_column(df, column, path, allow_nan=True, low=-math.inf, high=math.inf):
@@ -174,9 +183,11 @@ def parse_column(df, column, path, allow_nan=True, low=-math.inf, high=math.inf)
     values = [parse_float(v) for v in df[column]]
     for i, v in enumerate(values):
         if v is None or (not allow_nan and math.isnan(v)):
-            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a number')
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a '
+                            'number')
         if not math.isnan(v) and not low <= v <= high:
-            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is outside {low:g}..{high:g}')
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is outside '
+                            f'{low:g}..{high:g}')
     return np.array(values, dtype=np.float64)
 
 
@@ -187,10 +198,11 @@ def parse_id_column(df, column, path):
     first_line = {}
     for i, v in enumerate(values):
         if not (math.isfinite(v) and v == int(v)):
-            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a whole number')
+            raise DataError(f'{path}: line {i + 2}: {column} = {df[column].iat[i]!r} is not a '
+                            'whole number')
         if v in first_line:
-            raise DataError(f'{path}: line {i + 2}: {column} {int(v)} is on line {first_line[v]} too; '
-                            'each row needs its own ID')
+            raise DataError(f'{path}: line {i + 2}: {column} {int(v)} is on line '
+                            f'{first_line[v]} too; each row needs its own ID')
         first_line[v] = i + 2
     return values.astype(np.int64)
 
@@ -233,7 +245,8 @@ def person_keys(names, paths):
 
 
 def read_clean(path):
-    """The CSV that clean_data.py writes, checked as input: possible ages, paths inside the image folder."""
+    """The CSV that clean_data.py writes, checked as input: possible ages, paths inside the image
+    folder."""
     df = read_csv_strict(path, CLEAN_COLUMNS)
     out = pd.DataFrame({
         'ID': parse_id_column(df, 'ID', path),
@@ -252,7 +265,8 @@ def read_judge(path):
     """wiki_judge.csv: ID and image file name (the other columns are optional metadata)."""
     df = read_csv_strict(path, JUDGE_COLUMNS)
     return pd.DataFrame({'ID': parse_id_column(df, 'ID', path),
-                         'path': parse_paths([parse_list(p) for p in df['full_path']], 'full_path', path)})
+                         'path': parse_paths([parse_list(p) for p in df['full_path']], 'full_path',
+                                             path)})
 
 
 # ----------------------------------------------------------------------------- images
@@ -276,20 +290,25 @@ def decode_image(path, photo=False):
                 if w != h:
                     note.append(f'centre square of {w}x{h}')
                     side = min(w, h)
-                    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):  # 16-bit grey: convert('L') would clip at 255
+                    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side,
+                                  (h - side) // 2 + side))
+            # 16-bit grey: convert('L') would clip at 255
+            if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
                 note.append(f'mode {im.mode}')
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+                scaled = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255)
+                im = Image.fromarray(scaled.astype(np.uint8))
             elif im.mode != 'L':
                 note.append(f'mode {im.mode}')
                 im = im.convert('L')
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 note.append(f'size {im.size[0]}x{im.size[1]}')
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
+            return np.asarray(im,
+                              dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
     except FileNotFoundError:
         return None, 'missing'
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         return None, f'unreadable: {type(e).__name__}: {e}'.strip()
 
 
@@ -300,7 +319,8 @@ def image_size(path):
         with Image.open(path) as im:
             w, h = im.size
             return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
         return None
 
 
@@ -341,11 +361,14 @@ def load_images(csv_path, table, image_root, log=print):
         try:
             with np.load(cache) as f:
                 images, ok = f['images'], f['ok']
-            if images.shape == (len(rel_paths), IMAGE_SIZE, IMAGE_SIZE) and ok.shape == (len(rel_paths),):
+            if images.shape == (len(rel_paths), IMAGE_SIZE,
+                                IMAGE_SIZE) and ok.shape == (len(rel_paths),):
                 return images, ok
-            log(f'warning: the image cache {cache} does not match the CSV; decoding the images again')
+            log(f'warning: the image cache {cache} does not match the CSV; decoding the images '
+                'again')
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            log(f'warning: the image cache {cache} is damaged ({type(e).__name__}); decoding the images again')
+            log(f'warning: the image cache {cache} is damaged ({type(e).__name__}); decoding the '
+                'images again')
     log(f'decoding {len(rel_paths)} images from {image_root} (once; cached in {cache})')
     images, problems = decode_all([os.path.join(image_root, p) for p in rel_paths])
     ok = np.array([usable(p) for p in problems])
@@ -376,34 +399,57 @@ def place_images(images, device, log=print):
         free, _ = torch.cuda.mem_get_info(device)
         if images.numel() < free / 4:
             return images.to(device)
-        log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has {free / 1e9:.1f} GB free')
+        log(f'images ({images.numel() / 1e9:.1f} GB) stay in host memory: the GPU has '
+            f'{free / 1e9:.1f} GB free')
         return images
     return images.to(device)
 
 
-# ----------------------------------------------------------------------------- folds
+# ----------------------------------------------------------------------------- the table of a run
 
-def person_folds(person, age, k, seed):
-    """Fold number for every row: no person in two folds, each fold with a similar age mix and size.
+def load_table(args, log=print, rank=0, world=1):
+    """The clean table and its decoded faces (cached), for train.py and cv.py; --demo makes and
+    cleans the synthetic data first. Under torchrun, process 0 makes the demo data and the image
+    cache; the others then read them."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    if args.demo:
+        # here, not at the top: demo_data cleans with clean_data, which imports this
+        import demo_data
+        demo_data.prepare(args.data, args.csv or os.path.join(args.data, 'wiki_labels_clean.csv'),
+                          log)
+    table, images = read_table(args, log)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return table, images
 
-    Persons are sorted by their median age and dealt out in blocks of k (after a seeded shuffle,
-    so equal ages break ties at random); inside a block the biggest person goes to the smallest
-    fold. Grouping matters because the same face in train and validation makes validation lie."""
-    frame = pd.DataFrame({'person': np.asarray(person), 'age': np.asarray(age, dtype=float)})
-    groups = frame.groupby('person', sort=True)['age'].agg(['median', 'size'])
-    rng = np.random.default_rng(seed)
-    groups['tie'] = rng.permutation(len(groups))
-    groups = groups.sort_values(['median', 'tie'])
-    fold_of = {}
-    fold_size = np.zeros(k, dtype=np.int64)
-    names, sizes = groups.index.to_numpy(), groups['size'].to_numpy()
-    for start in range(0, len(groups), k):
-        block = sorted(range(start, min(start + k, len(groups))), key=lambda i: -sizes[i])
-        free = sorted(range(k), key=lambda f: (fold_size[f], rng.random()))
-        for i, f in zip(block, free):
-            fold_of[names[i]] = f
-            fold_size[f] += sizes[i]
-    return frame['person'].map(fold_of).to_numpy(dtype=np.int64)
+
+def read_table(args, log):
+    """The clean CSV and its faces. Rows whose image cannot be read are dropped with a count;
+    --limit N keeps N random rows."""
+    csv = args.csv or os.path.join(args.data, 'wiki_labels_clean.csv')
+    if not os.path.exists(csv):
+        raise DataError(f'{csv} not found: run `python clean_data.py --data {args.data}` first '
+                        '(or pass --csv FILE)')
+    files = find_files(args.data)
+    require(files, args.data, 'images')
+    table = read_clean(csv)
+    images, ok = load_images(csv, table, files['images'], log)
+    if not ok.any():
+        raise DataError(f'none of the {len(table)} images that {csv} lists can be read in '
+                        f'{files["images"]} (first: {table["path"].iat[0]}); was the CSV made from '
+                        'another --data folder?')
+    if not ok.all():
+        bad = table['ID'][~ok].tolist()
+        more = ' ...' if len(bad) > 10 else ''
+        log(f'warning: skipping {len(bad)} row(s) whose image cannot be read, IDs {bad[:10]}{more} '
+            '(clean_data.py removes them)')
+        table, images = table[ok].reset_index(drop=True), images[ok]
+    if args.limit and args.limit < len(table):
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(table), args.limit,
+                                                               replace=False))
+        table, images = table.iloc[keep].reset_index(drop=True), images[keep]
+    return table, images
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -414,52 +460,67 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.449, 0.226
 
 
-def augment_params(n, generator, device):
+def augment_params(n, generator, device, strengths):
     """Fresh random parameters for every image of a batch (torchvision's v2 transforms draw one
-    set per batch): crop scale and aspect, position, rotation, flip, brightness, contrast."""
+    set per batch): crop scale and aspect, position, rotation, flip, brightness, contrast.
+    strengths: the recipe's ranges (train.RECIPE)."""
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
-    area, aspect = uniform(0.70, 1.0), torch.exp(uniform(math.log(0.9), math.log(1.1)))
+    lo, hi = strengths['crop_aspect']
+    area, aspect = uniform(*strengths['crop_area']), torch.exp(uniform(math.log(lo), math.log(hi)))
     w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-    return {'w': w, 'h': h, 'cx': uniform(-1, 1) * (1 - w), 'cy': uniform(-1, 1) * (1 - h),
-            'angle': uniform(-10, 10) * math.pi / 180,
-            'flip': torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0),
-            'brightness': uniform(0.8, 1.2), 'contrast': uniform(0.8, 1.2)}
+    p = {'w': w, 'h': h, 'cx': uniform(-1, 1) * (1 - w), 'cy': uniform(-1, 1) * (1 - h),
+         'angle': uniform(-strengths['rotation'], strengths['rotation']) * math.pi / 180}
+    # drawn in this order, so that a seed gives the same augmentation as in earlier versions
+    flip = torch.rand(n, generator=generator, device=device) < strengths['flip']
+    p['flip'] = torch.where(flip, -1.0, 1.0)
+    p['brightness'] = uniform(*strengths['brightness'])
+    p['contrast'] = uniform(*strengths['contrast'])
+    return p
 
 
-def to_model_input(x, size, channels, generator=None, flip=False):
+def to_model_input(x, size, channels, generator=None, strengths=None, flip=False):
     """uint8 faces (B, 100, 100) on any device -> normalised float (B, channels, size, size).
 
-    With a generator: random resized crop, flip, rotation and colour jitter, each image its own,
-    composed into one affine warp (one grid_sample for the whole batch). Without: a plain resize,
-    the same for validation, CV and prediction. flip=True mirrors every image (test-time aug)."""
+    With a generator: random resized crop, flip, rotation and colour jitter of the given strengths,
+    each image its own, composed into one affine warp (one grid_sample for the whole batch).
+    Without: a plain resize, the same for validation, CV and prediction. flip=True mirrors every
+    image (test-time aug)."""
     n = x.shape[0]
-    x = x.unsqueeze(1).float()  # 0..255: the 1/255 goes into the multiply-adds below, not a pass of its own
+    # 0..255: the 1/255 goes into the multiply-adds below, not a pass of its own
+    x = x.unsqueeze(1).float()
     scale = 1 / 255
     if generator is not None:
-        p = augment_params(n, generator, x.device)
+        p = augment_params(n, generator, x.device, strengths)
         cos, sin = p['angle'].cos(), p['angle'].sin()
-        # The sampling grid built as (n, 2, size, size) planes and handed over as the (n, size, size, 2)
+        # The sampling grid built as (n, 2, size, size) planes and handed over as the (n, size,
+        # size, 2)
         # view grid_sample takes. F.affine_grid says the same in one call (tests/test_data.py checks
-        # that they agree), but its batched matmul is slower on CPUs and GPUs alike (RESULTS.md, Speed).
-        base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres
-        along_x = torch.stack([p['w'] * p['flip'] * cos, p['w'] * p['flip'] * sin], 1).view(n, 2, 1, 1)
+        # that they agree), but it computes the grid with a batched matmul, which is slower.
+        # pixel centres
+        base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
+        along_x = torch.stack([p['w'] * p['flip'] * cos, p['w'] * p['flip'] * sin],
+                              1).view(n, 2, 1, 1)
         along_y = torch.stack([-p['h'] * sin, p['h'] * cos], 1).view(n, 2, 1, 1)
         centre = torch.stack([p['cx'], p['cy']], 1).view(n, 2, 1, 1)
         grid = along_x * base.view(1, 1, 1, size) + (along_y * base.view(1, 1, size, 1) + centre)
-        x = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border', align_corners=False)
-        # ((x/255 - m) * contrast + m) * brightness, m the image's mean, as one multiply-add per pixel
+        x = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border',
+                          align_corners=False)
+        # ((x/255 - m) * contrast + m) * brightness, m the image's mean, as one multiply-add per
+        # pixel
         c, b = p['contrast'].view(-1, 1, 1, 1), p['brightness'].view(-1, 1, 1, 1)
         m = x.mean(dim=(1, 2, 3), keepdim=True) / 255
         x = torch.addcmul(m * b * (1 - c), x, c * b / 255).clamp_(0, 1)
         scale = 1.0
     elif size != IMAGE_SIZE:
-        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=False)
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False,
+                          antialias=False)
     if flip:
         x = x.flip(-1)
     # (x * scale - mean) / std for each channel with Python numbers: on a GPU, a tensor made from a
-    # list (torch.tensor(IMAGENET_MEAN, device=...)) is a blocking copy that stalls the loop every batch.
+    # list (torch.tensor(IMAGENET_MEAN, device=...)) is a blocking copy that stalls the loop every
+    # batch.
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((GREY_MEAN,), (GREY_STD,))
     planes = [x.mul(scale / s).sub_(m / s) for m, s in zip(mean, std)]
     return planes[0] if channels == 1 else torch.cat(planes, 1)  # grey repeated for RGB backbones

@@ -18,13 +18,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+import clean_data
+import dataset
 from cli import HelpFormatter, number, run
-from dataset import IMAGE_SIZE, LABEL_COLUMNS, parse_list, write_atomic, write_csv
+from dataset import AGE_RANGE, IMAGE_SIZE, LABEL_COLUMNS, parse_list, write_atomic, write_csv
 
-FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas', 'Kaja',
-         'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera', 'Zoë']
-LAST = ['Novák', 'Jauhojärvi', 'García', 'Smith', "O'Neil", 'Müller', 'Rossi', 'Kowalski', 'Ito',
-        'Dubois', 'Hansen', 'Silva', 'Nowak', 'Brown', 'Lindqvist', 'Petrov', 'Costa', 'Yılmaz']
+FIRST = ['Ana', 'Björn', 'Chloé', 'Dmitri', 'Eva', 'Farid', 'Greta', 'Hugo', 'Ines', 'Jonas',
+         'Kaja', 'Luis', 'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Sami', 'Tereza', 'Umar', 'Vera',
+         'Zoë']
+LAST = ['Novák', 'Jauhojärvi', 'García', 'Smith', "O'Neil", 'Müller', 'Rossi', 'Kowalski',
+        'Ito', 'Dubois', 'Hansen', 'Silva', 'Nowak', 'Brown', 'Lindqvist', 'Petrov', 'Costa',
+        'Yılmaz']
 
 
 def draw_face(rng, age, male):
@@ -44,18 +48,21 @@ def draw_face(rng, age, male):
     grey = float(np.clip((age - 28) / 45 + rng.normal(0, 0.08), 0, 1))
     hair = int(hair + (225 - hair) * grey)
     if not male:  # long hair falls behind the face
-        d.rounded_rectangle([cx - fw - 6, cy - fh - 4, cx + fw + 6, cy + fh * (0.8 + rng.random() * 0.5)],
+        d.rounded_rectangle([cx - fw - 6, cy - fh - 4, cx + fw + 6,
+                             cy + fh * (0.8 + rng.random() * 0.5)],
                             radius=14, fill=hair)
     d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
     recede = old * (0.6 if male else 0.15) * fh * rng.random() ** 0.5
-    d.chord([cx - fw - 2, cy - fh - 5 - recede * 0.2, cx + fw + 2, cy - fh * 0.15 + (0 if male else 6) - recede],
+    d.chord([cx - fw - 2, cy - fh - 5 - recede * 0.2, cx + fw + 2,
+             cy - fh * 0.15 + (0 if male else 6) - recede],
             180, 360, fill=hair)
     eye_y = cy - fh * (0.05 + 0.17 * grow)
     eye_r = 4.6 - 1.7 * grow + rng.normal(0, 0.3)
     for side in (-1, 1):
         ex = cx + side * fw * 0.42
         d.ellipse([ex - eye_r * 1.4, eye_y - eye_r, ex + eye_r * 1.4, eye_y + eye_r], fill=235)
-        d.ellipse([ex - eye_r * 0.6, eye_y - eye_r * 0.6, ex + eye_r * 0.6, eye_y + eye_r * 0.6], fill=25)
+        d.ellipse([ex - eye_r * 0.6, eye_y - eye_r * 0.6, ex + eye_r * 0.6, eye_y + eye_r * 0.6],
+                  fill=25)
         for k in range(int(round(old * 3 + rng.normal(0, 0.4)))):  # crow's feet
             y = eye_y - 2 + 2.5 * k
             d.line([ex + side * eye_r * 1.6, y, ex + side * (eye_r * 1.6 + 5), y + (k - 1) * 2],
@@ -67,7 +74,8 @@ def draw_face(rng, age, male):
         y = eye_y - 8 - 3 * k
         if y < cy - fh + 4:
             break
-        d.arc([cx - fw * 0.6, y, cx + fw * 0.6, y + 5], 200, 340, fill=max(0, skin - 45 - 5 * k), width=1)
+        d.arc([cx - fw * 0.6, y, cx + fw * 0.6, y + 5], 200, 340, fill=max(0, skin - 45 - 5 * k),
+              width=1)
     nose_y = cy + fh * (0.12 + 0.05 * grow)
     d.line([cx, eye_y + 4, cx - 2, nose_y], fill=skin - 40, width=1)
     mouth_y = cy + fh * (0.42 + 0.06 * old)
@@ -110,14 +118,17 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
         pid = int(rng.integers(10_000, 50_000_000))
         male = rng.random() < 0.78
         initial = chr(ord('A') + int(rng.integers(0, 26)))
-        name = f"['{rng.choice(FIRST)} {initial}. {rng.choice(LAST)}']" if rng.random() > 0.02 else '[]'
+        has_name = rng.random() > 0.02
+        name = f"['{rng.choice(FIRST)} {initial}. {rng.choice(LAST)}']" if has_name else '[]'
         birth = datetime.date(1900, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 29_000)))
-        base_age = float(np.clip(14 + rng.gamma(2.0, 11.0) if rng.random() > 0.08 else rng.uniform(1, 14), 1, 99))
+        adult = rng.random() > 0.08
+        base_age = float(np.clip(14 + rng.gamma(2.0, 11.0) if adult else rng.uniform(1, 14), 1, 99))
         first_year = min(birth.year + int(round(base_age)), 2015)
         for year in sorted(set(first_year - rng.integers(0, 8, 1 + rng.poisson(0.35)))):
             year = int(year)
             age = (datenum(datetime.date(year, 2, 1)) - datenum(birth)) / 365.25
-            rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year, age=max(age, 0.0)))
+            rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year,
+                             age=max(age, 0.0)))
     rows = rows[:n]
     records = []
     for i, r in enumerate(rows):
@@ -133,9 +144,12 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
         second = (not no_face) and rng.random() < 0.06
         gender = '' if rng.random() < 0.04 else ('1.0' if r['male'] else '0.0')
         rel = f"{r['pid'] % 100:02d}/{r['pid']}_{r['birth'].isoformat()}_{r['year']}.png"
-        img = draw_clutter(rng) if no_face else draw_face(rng, min(max(r['age'], 1), 100), r['male'])
+        img = draw_clutter(rng) if no_face else draw_face(rng,
+                                                          min(max(r['age'], AGE_RANGE[0]),
+                                                              AGE_RANGE[1]), r['male'])
         if second:  # a smaller second face in a corner
-            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)), rng.random() < 0.5)).resize((40, 40))
+            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)),
+                                              rng.random() < 0.5)).resize((40, 40))
             img = img.copy()
             img[:40, 60:] = np.asarray(small)
         os.makedirs(os.path.join(label_dir, rel[:2]), exist_ok=True)
@@ -165,10 +179,10 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
         male = rng.random() < 0.78
         age = float(np.clip(14 + rng.gamma(2.0, 11.0), 1, 99))
         Image.fromarray(draw_face(rng, age, male)).save(os.path.join(judge_dir, f'{ID}.png'))
-        judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']",
-                      'gender': '' if rng.random() < 0.02 else ('1.0' if male else '0.0'),
-                      'face_score': repr(float(rng.uniform(1, 6.5))) if rng.random() > 0.01 else '-inf',
-                      'second_face_score': ''})
+        gender = '' if rng.random() < 0.02 else ('1.0' if male else '0.0')
+        score = repr(float(rng.uniform(1, 6.5))) if rng.random() > 0.01 else '-inf'
+        judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']", 'gender': gender,
+                      'face_score': score, 'second_face_score': ''})
         answers.append({'ID': int(ID), 'age': round(age, 3)})
     write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
     # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
@@ -176,6 +190,15 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
     # Last: train.py takes a folder with wiki_labels.csv as complete.
     write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
     return root
+
+
+def prepare(data_dir, csv, log=print):
+    """--demo: make the synthetic folder in data_dir unless it is there, and its clean CSV."""
+    if not os.path.exists(os.path.join(data_dir, 'wiki_labels.csv')):
+        log(f'making synthetic demo data in {data_dir}')
+        make_demo_data(data_dir)
+    if not os.path.exists(csv) and clean_data.main(['--data', data_dir, '--out', csv]) != 0:
+        raise dataset.DataError(f'cleaning the demo data in {data_dir} failed (see above)')
 
 
 def framing_picture(path, seed=7):
@@ -194,7 +217,8 @@ def framing_picture(path, seed=7):
     scene.paste(Image.fromarray(head).resize((150, 150), Image.BILINEAR), box[:2])
     tight = (box[0] + 40, box[1] + 50, box[2] - 40, box[3] - 30)
     panels = [(training, 'a training face'), (scene.crop(box), 'good: face and margin'),
-              (scene.crop(tight), 'bad: too tight'), (scene, 'bad: whole photo (box: the part used)')]
+              (scene.crop(tight), 'bad: too tight'),
+              (scene, 'bad: whole photo (box: the part used)')]
     W, H, pad = 200, 200, 12  # each panel shown at 200 px
     picture = Image.new('L', (len(panels) * (W + pad) + pad, H + 2 * pad + 30), 255)
     d = ImageDraw.Draw(picture)
@@ -214,11 +238,14 @@ def framing_picture(path, seed=7):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('out', metavar='DIR', nargs='?', help='write the synthetic demo folder here')
-    parser.add_argument('--framing', metavar='PNG', help="draw the README's picture of how to frame a photo")
+    parser.add_argument('out', metavar='DIR', nargs='?',
+                        help='write the synthetic demo folder here')
+    parser.add_argument('--framing', metavar='PNG', help="draw the README's picture of how to "
+                                                         "frame a photo")
     parser.add_argument('--n', type=number(int, at_least=20), default=1500, help='labelled rows')
     parser.add_argument('--n-judge', type=number(int, at_least=1), default=300, help='test rows')
-    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the drawn faces')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the drawn '
+                                                                                'faces')
     return parser
 
 

@@ -5,6 +5,7 @@ train.py's validation, cv.py's out-of-fold scores and predict.py --labels all sc
 whole arrays of true and predicted ages, so the three report the same number for the same ages.
 """
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,25 +36,29 @@ def decade_name(d):
 
 
 def rmse_by_decade(age, pred):
-    """{'0-9': {'rmse': ..., 'n': ...}, ...} for the decades of true age that hold at least one face:
-    where a model fails (children and the old, usually)."""
+    """{'0-9': {'rmse': ..., 'n': ...}, ...} for the decades of true age that hold at least one
+    face: where a model fails (children and the old, usually)."""
     age, pred = np.asarray(age, float), np.asarray(pred, float)
     decade = np.minimum(age // 10, 9).astype(int)
-    return {decade_name(d): {'rmse': float(np.sqrt(np.mean((pred[decade == d] - age[decade == d]) ** 2))),
+    err = pred - age
+    return {decade_name(d): {'rmse': float(np.sqrt(np.mean(err[decade == d] ** 2))),
                              'n': int((decade == d).sum())}
             for d in range(10) if (decade == d).any()}
 
 
-def collapse_warning(age, pred):
+def collapse_warning(age, pred, truth_sd=None):
     """A warning when the predictions hardly vary (sd under a third of the true ages' sd): the
-    classic failure on wiki faces, one age for everyone. None when they vary enough."""
-    spread, truth = float(np.std(pred)), float(np.std(age))
-    if len(age) < 2 or spread >= truth / 3:
+    classic failure on wiki faces, one age for everyone. None when they vary enough. Where the
+    true ages are unknown (a test set), truth_sd stands in: the training ages' sd."""
+    spread = float(np.std(pred))
+    truth = float(np.std(age)) if truth_sd is None else truth_sd
+    if len(pred) < 2 or spread >= truth / 3:
         return None
-    return (f'warning: the predictions hardly vary (sd {spread:.1f} years, the true ages {truth:.1f}): the model '
-            f'has collapsed towards the mean age {float(np.mean(pred)):.1f}. Usual causes: too few epochs or a '
-            'learning rate far too high or too low, a model that did not train (see history.csv), or faces framed '
-            'unlike the training crops')
+    whose = 'the true ages' if truth_sd is None else 'the training ages'
+    return (f'warning: the predictions hardly vary (sd {spread:.1f} years, {whose} {truth:.1f}): '
+            f'the model has collapsed towards the mean age {float(np.mean(pred)):.1f}. Usual '
+            'causes: too few epochs or a learning rate far too high or too low, a model that did '
+            'not train (see history.csv), or faces framed unlike the training crops')
 
 
 def plot_predictions(path, age, pred, title):
@@ -70,7 +75,8 @@ def plot_predictions(path, age, pred, title):
                 height - bottom - (p - lo) / (hi - lo) * (height - bottom - top))
 
     im = Image.new('RGB', (width, height), 'white')
-    d = ImageDraw.Draw(im, 'RGBA')  # RGBA drawing on an RGB image blends each point into what is there
+    # RGBA drawing on an RGB image blends each point into what is there
+    d = ImageDraw.Draw(im, 'RGBA')
     d.rectangle([left, top, width - right, height - bottom], outline='black')
     for t in np.arange(lo, hi + 1, 10):
         x, _ = px(t, lo)
@@ -85,7 +91,8 @@ def plot_predictions(path, age, pred, title):
         x, y = px(a, p)
         d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(*BLUE, alpha))
     d.text((left, 12), title, fill='black')
-    d.text((left, 28), f'RMSE {m["rmse"]:.2f}  MAE {m["mae"]:.2f}  R^2 {m["r2"]:.3f}  n={m["n"]}', fill='black')
+    d.text((left, 28), f'RMSE {m["rmse"]:.2f}  MAE {m["mae"]:.2f}  R^2 {m["r2"]:.3f}  n={m["n"]}',
+           fill='black')
     d.text(((width + left) / 2 - 40, height - 25), 'actual age', fill='black')
     d.text((5, top - 20), 'predicted age', fill='black')
     dataset.write_atomic(path, lambda tmp: im.save(tmp))
@@ -120,3 +127,16 @@ def plot_both(scatter_path, decades_path, age, pred, title):
     """The two pictures of a set of predictions: predicted against true age, and RMSE by decade."""
     plot_predictions(scatter_path, age, pred, title)
     plot_error_by_decade(decades_path, age, pred, title)
+
+
+def report(out_dir, age, pred, title, log=print, stem=''):
+    """What every scored set of predictions gets (train.py's validation, cv.py's out-of-fold
+    predictions, predict.py --labels): the two pictures in out_dir (STEMpredictions.png and
+    STEMerror_by_decade.png) and, in the log, the warning of a collapse. Returns the RMSE per
+    decade of true age."""
+    plot_both(os.path.join(out_dir, f'{stem}predictions.png'),
+              os.path.join(out_dir, f'{stem}error_by_decade.png'), age, pred, title)
+    warning = collapse_warning(age, pred)
+    if warning:
+        log(warning)
+    return rmse_by_decade(age, pred)

@@ -5,8 +5,9 @@ ImageNet-pretrained when the weights are on disk) with a one-number regression h
 
 Both predict the age standardised by the training set's mean and standard deviation, which are
 stored in the model as buffers, so a checkpoint alone maps outputs back to years. Also here: the
-losses (DEX's beside its head), where and how a model runs (device, autocast, memory layout), and
-reading checkpoint and weights files, whose fields are checked once, when they are loaded.
+losses (DEX's beside its head), the optimizer, THE prediction path (`predict_ages`), where and
+how a model runs (device, autocast, memory layout), and reading checkpoint and weights files,
+whose fields are checked once, when they are loaded.
 """
 import contextlib
 import math
@@ -24,9 +25,7 @@ MODELS = ('cnn', 'resnet50')
 MIN_SIZE = {'cnn': 32, 'resnet50': 32}  # below this the feature maps vanish
 MAX_SIZE = 512  # the faces are 100x100: larger inputs only upsample them
 INPUT_CHANNELS = {'cnn': 1, 'resnet50': 3}  # ImageNet backbones expect RGB: grey is repeated
-AGE_RANGE = (1.0, 100.0)  # predictions are clipped to the ages the clean data can hold
-AGE_BINS = 101  # DEX: one class for each age 0..100
-DEX_SIGMA = 6.0  # years: the width of DEX's Gaussian soft labels (wiki's ages are noisy; RESULTS.md)
+AGE_BINS = int(dataset.AGE_RANGE[1]) + 1  # DEX: one class for each age from 0 to the oldest
 
 
 class WeightsError(dataset.UserError):
@@ -68,14 +67,45 @@ class AgeRegressor(nn.Module):
         return out.float() * self.y_std + self.y_mean
 
 
+
+@torch.inference_mode()
+def predict_ages(model, images, rows, size, channels, batch_size, device, tta=False):
+    """Ages in years for images[rows] (uint8 faces, on any device): THE prediction path, which
+    train.py's validation, cv.py's out-of-fold scores and predict.py share, so a checkpoint gives
+    the same ages everywhere. tta=True averages each face with its mirror image. Clipped to the
+    ages the clean data holds."""
+    model.eval()
+    out = []
+    rows = torch.as_tensor(rows)
+    views = (False, True) if tta else (False,)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size].to(images.device)
+        x_u8 = images.index_select(0, idx).to(device, non_blocking=True)
+        total = 0
+        for flip in views:
+            with autocast(device):
+                x = dataset.to_model_input(x_u8, size, channels, flip=flip)
+                total = total + model.ages(model(x))
+        out.append((total / len(views)).clamp(*dataset.AGE_RANGE))
+    return torch.cat(out).float().cpu() if out else torch.empty(0)
+
+
+def eval_batch(train_batch, device):
+    """Images per evaluation batch: no gradients are kept and each layer's activations are freed
+    as the next is computed, so on a GPU it can be large, which saves kernel launches; on the CPU
+    larger batches only leave the caches."""
+    return max(2 * train_batch, 1024) if device.type == 'cuda' else 2 * train_batch
+
 def cnn(outputs=1):
     """Four conv-BN-ReLU-pool blocks, global average pooling and a linear head: the baseline."""
     layers, c_in = [], 1
     for c_out in (32, 64, 128, 256):
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True),
                    nn.MaxPool2d(2)]
         c_in = c_out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), FP32Linear(256, outputs))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                         FP32Linear(256, outputs))
 
 
 def resnet50(weights='imagenet', outputs=1):
@@ -87,16 +117,18 @@ def resnet50(weights='imagenet', outputs=1):
         cache = imagenet_cache_file()
         if not os.path.exists(cache):  # never download: lab machines and CI may be offline
             raise WeightsError(
-                f'ImageNet weights for resnet50 are not in the torch hub cache: expected {cache}. Download them '
-                'once on a machine with internet (python -c "import torchvision; '
-                'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')") and copy that file there, or choose '
-                '--weights none (train from scratch) or --weights FILE (a state dict you have)')
+                f'ImageNet weights for resnet50 are not in the torch hub cache: expected {cache}. '
+                'Download them once on a machine with internet (python -c "import torchvision; '
+                'torchvision.models.resnet50(weights=\'IMAGENET1K_V2\')") and copy that file '
+                'there, or choose --weights none (train from scratch) or --weights FILE (a state '
+                'dict you have)')
         try:  # weights_only: the file may have been copied from elsewhere; nothing in it may run
             weights_api = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
             net.load_state_dict(weights_api.get_state_dict(progress=False, weights_only=True))
         except Exception as e:
-            raise WeightsError(f'{cache} is not the ResNet-50 ImageNet weights ({type(e).__name__}); '
-                               'delete it and copy the file again, or choose --weights none') from None
+            raise WeightsError(f'{cache} is not the ResNet-50 ImageNet weights '
+                               f'({type(e).__name__}); delete it and copy the file again, or '
+                               'choose --weights none') from None
     elif weights not in (None, 'none'):
         state = load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the head is new
@@ -115,17 +147,20 @@ def resnet50(weights='imagenet', outputs=1):
 
 
 def build_model(name, weights='none', y_mean=0.0, y_std=1.0, bins=0):
-    """The model `name` with a one-number head, or with bins > 0 a head of one logit per year (DEX)."""
+    """The model `name` with a one-number head, or with bins > 0 a head of one logit per year
+    (DEX)."""
     outputs = bins or 1
     if name == 'cnn':
         if weights == 'imagenet':
-            raise WeightsError('--weights imagenet: the cnn baseline has no pretrained weights; use --weights none')
+            raise WeightsError('--weights imagenet: the cnn baseline has no pretrained weights; '
+                               'use --weights none')
         net = cnn(outputs)
         if weights not in (None, 'none'):
             try:
                 net.load_state_dict(load_weights_file(weights))
             except RuntimeError as e:
-                raise WeightsError(f'--weights {weights}: does not fit cnn ({str(e).splitlines()[0]})') from None
+                raise WeightsError(f'--weights {weights}: does not fit cnn '
+                                   f'({str(e).splitlines()[0]})') from None
     elif name == 'resnet50':
         net = resnet50(weights, outputs)
     else:
@@ -140,7 +175,7 @@ class DEXLoss(nn.Module):
     the prediction is the softmax's expected value (AgeRegressor.ages). Targets come in
     standardised, like those of the regression losses."""
 
-    def __init__(self, y_mean, y_std, sigma=DEX_SIGMA):
+    def __init__(self, y_mean, y_std, sigma):
         super().__init__()
         self.y_mean, self.y_std, self.sigma = y_mean, y_std, sigma
 
@@ -154,34 +189,59 @@ class DEXLoss(nn.Module):
 LOSSES = {'mse': nn.MSELoss, 'smoothl1': nn.SmoothL1Loss, 'l1': nn.L1Loss, 'dex': DEXLoss}
 
 
-def make_criterion(name, y_mean, y_std):
-    """The loss `name` on standardised targets; DEX needs the scale to place its age bins."""
-    return LOSSES[name](y_mean, y_std) if name == 'dex' else LOSSES[name]()
+def make_criterion(name, y_mean, y_std, dex_sigma):
+    """The loss `name` on standardised targets; DEX needs the scale to place its age bins, and
+    the width in years of its soft labels."""
+    return LOSSES[name](y_mean, y_std, dex_sigma) if name == 'dex' else LOSSES[name]()
+
+
+def build_optimizer(model, lr, backbone_lr, weight_decay, device):
+    """AdamW (its fused kernel on CUDA and the CPU) and the loss scaler, which only fp16 needs.
+    Four parameter groups: the head (at lr) and the backbone (at backbone_lr), each split into
+    conv/linear weights, which decay, and norm-layer weights and biases, which do not (decaying
+    those only shrinks what normalisation sets, as nanoGPT's optimizer set-up notes)."""
+    head = {id(p) for m in model.modules() if isinstance(m, FP32Linear) for p in m.parameters()}
+    grouped = {}
+    for p in model.parameters():
+        grouped.setdefault((id(p) in head, p.dim() >= 2), []).append(p)
+    groups = []
+    for (is_head, decays), params in grouped.items():
+        rate = lr if is_head else backbone_lr
+        groups.append({'params': params, 'lr': rate, 'initial_lr': rate,
+                       'weight_decay': weight_decay if decays else 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type in ('cuda', 'cpu'))
+    scaler = torch.amp.GradScaler('cuda', enabled=half_dtype(device) == torch.float16)
+    return optimizer, scaler
 
 
 # ----------------------------------------------------------------------------- where a model runs
 
 def pick_device(name):
-    """--device: 'auto' takes a CUDA GPU, else Apple's MPS, else the CPU."""
+    """--device: 'auto' takes a CUDA GPU, else Apple's MPS, else the CPU. On a GPU, cuDNN times
+    its kernels once and keeps the fastest: every batch has the same shape."""
     if name == 'auto':
         if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True
             return torch.device('cuda')
         return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available():
-        raise dataset.UserError('--device cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False)')
+        raise dataset.UserError('--device cuda but torch sees no CUDA GPU '
+                                '(torch.cuda.is_available() is False)')
     if name == 'mps' and not torch.backends.mps.is_available():
         raise dataset.UserError('--device mps but this torch has no MPS support')
+    torch.backends.cudnn.benchmark = name == 'cuda'
     return torch.device(name)
 
 
 def half_dtype(device):
     """The autocast dtype on `device`: bf16 on GPUs that compute it (Ampere and newer: the range of
     fp32, so no loss scaling), fp16 with loss scaling on older ones such as Kaggle's T4 and P100
-    (torch would emulate bf16 there, slowly); None on the CPU, which computes in fp32 (without
-    native bf16, bf16 there is many times slower: RESULTS.md, Speed)."""
+    (torch would emulate bf16 there, slowly); None on the CPU, which computes in fp32 (a CPU
+    without native bf16 emulates it, slowly)."""
     if device.type != 'cuda':
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def autocast(device):
@@ -190,9 +250,9 @@ def autocast(device):
 
 
 def place(model, device):
-    """The model on `device`, in channels-last memory (NHWC) on CUDA and on the CPU, where cuDNN's and
-    oneDNN's fastest convolutions read it (RESULTS.md, Speed); a convolution whose weights are
-    channels-last also computes a plain NCHW input that way, so the inputs need no conversion."""
+    """The model on `device`, in channels-last memory (NHWC) on CUDA and on the CPU, the layout
+    cuDNN's and oneDNN's fastest convolutions read; a convolution whose weights are channels-last
+    also computes a plain NCHW input that way, so the inputs need no conversion."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type in ('cuda', 'cpu') else model
 
@@ -211,6 +271,7 @@ def distributed(device_name, backend=None, timeout=None):
         if use_cuda:
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
             torch.cuda.set_device(device)
+            torch.backends.cudnn.benchmark = True  # as pick_device
         else:
             device = torch.device('cpu')
         yield dist.get_rank(), dist.get_world_size(), device
@@ -225,8 +286,9 @@ def compile_model(model, mode, device, log=print):
     try:
         torch.compile(lambda x: x * 2 + 1, mode=mode)(torch.ones(8, device=device))
     except Exception as e:  # a missing or broken compiler shows up as one of many exception types
-        log(f'warning: --compile {mode}: torch.compile does not work on this machine ({type(e).__name__}: '
-            f'{(str(e).strip().splitlines() or [""])[0][:160]}); training without it')
+        log(f'warning: --compile {mode}: torch.compile does not work on this machine '
+            f'({type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}); training '
+            'without it')
         return model
     return torch.compile(model, mode=mode)
 
@@ -241,10 +303,12 @@ def load_file(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f'{path}: not found') from None
-    except Exception as e:  # UnpicklingError for crafted files, RuntimeError for junk, IsADirectoryError
-        raise CheckpointError(f'{path}: refused: not a plain file of tensors and numbers ({type(e).__name__}: '
-                              f'{str(e).splitlines()[0][:200] if str(e) else ""}); files that carry Python '
-                              'objects could run code') from None
+    # UnpicklingError for crafted files, RuntimeError for junk, IsADirectoryError
+    except Exception as e:
+        raise CheckpointError(f'{path}: refused: not a plain file of tensors and numbers '
+                              f'({type(e).__name__}: '
+                              f'{str(e).splitlines()[0][:200] if str(e) else ""}); files that '
+                              'carry Python objects could run code') from None
 
 
 def save_file(path, obj):
@@ -253,8 +317,10 @@ def save_file(path, obj):
 
 
 # What a best.pt must hold to rebuild its model, and what a last.pt adds for --resume.
-CHECKPOINT_FIELDS = {'model': dict, 'model_name': str, 'size': int, 'channels': int, 'y_mean': float}
-RESUME_FIELDS = {'args': dict, 'state': dict, 'optimizer': dict, 'scaler': dict, 'torch_rng': torch.Tensor}
+CHECKPOINT_FIELDS = {'model': dict, 'model_name': str, 'size': int, 'channels': int,
+                     'y_mean': float}
+RESUME_FIELDS = {'args': dict, 'state': dict, 'optimizer': dict, 'scaler': dict,
+                 'torch_rng': torch.Tensor}
 
 
 def check_checkpoint(ckpt, path, resumable=False):
@@ -270,8 +336,10 @@ def check_checkpoint(ckpt, path, resumable=False):
         if field not in ckpt:
             refuse(f'no {field!r} in it')
         value = ckpt[field]
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
-            refuse(f'{field} = {str(value)[:50]!r} is not {"a finite number" if kind is float else kind.__name__}')
+        wrong = not isinstance(value, kind) or isinstance(value, bool)
+        if wrong or (kind is float and not math.isfinite(value)):
+            refuse(f'{field} = {str(value)[:50]!r} is not '
+                   f'{"a finite number" if kind is float else kind.__name__}')
     if not all(isinstance(v, torch.Tensor) for v in ckpt['model'].values()):
         refuse('its model is not a state dict of tensors')
     name, size = ckpt['model_name'], ckpt['size']
@@ -292,7 +360,8 @@ def load_checkpoint(path, resumable=False):
 
 
 def load_weights_file(path):
-    """A state dict from --weights FILE: torchvision's .pth, or one of this project's checkpoints."""
+    """A state dict from --weights FILE: torchvision's .pth, or one of this project's
+    checkpoints."""
     try:
         state = load_file(path)
     except CheckpointError as e:
@@ -306,7 +375,8 @@ def load_weights_file(path):
 
 
 def imagenet_cache_file():
-    """Where torchvision's weights API looks for the ResNet-50 ImageNet weights (torch hub cache)."""
+    """Where torchvision's weights API looks for the ResNet-50 ImageNet weights (torch hub
+    cache)."""
     url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
     return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
 

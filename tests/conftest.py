@@ -1,5 +1,6 @@
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -23,9 +24,11 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained(tiny_data, tmp_path_factory):
-    """A tiny cnn trained on tiny_data (2 epochs, 32 px): the run directory. test_train.py has its own."""
+    """A tiny cnn trained on tiny_data (2 epochs, 32 px): the run directory. test_train.py has its
+    own."""
     out = tmp_path_factory.mktemp('run') / 'cnn'
-    assert train.main(['--data', tiny_data, '--out-dir', str(out), '--model', 'cnn', '--weights', 'none',
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), '--model', 'cnn', '--weights',
+                       'none',
                        '--size', '32', '--batch-size', '16', '--epochs', '2', '--device', 'cpu',
                        '--log-every', '1']) == 0
     return str(out)
@@ -33,8 +36,28 @@ def trained(tiny_data, tmp_path_factory):
 
 @pytest.fixture
 def ctrl_c_raises():
-    """Ctrl-C raising KeyboardInterrupt, as in a terminal: a shell starts background jobs (`pytest &`,
-    nohup) with SIGINT ignored, and Python then keeps it ignored."""
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal: a shell starts background jobs (`pytest
+    &`, nohup) with SIGINT ignored, and Python then keeps it ignored."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope='session')
+def interrupt():
+    """interrupt(argv, at, after=None, sig=SIGINT) -> (exit code, output): run `python *argv` in the
+    project folder and send it `sig` (Ctrl-C) at the first line of its output that starts with
+    `at`, once a line starting with `after` has been seen (if given). What every stop-and-resume
+    test begins with."""
+    def run(argv, at, after=None, sig=signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        lines, armed, sent = [], after is None, False
+        for line in proc.stdout:
+            lines.append(line)
+            armed = armed or line.startswith(after)
+            if armed and not sent and line.startswith(at):
+                proc.send_signal(sig)
+                sent = True
+        return proc.wait(timeout=120), ''.join(lines)
+    return run

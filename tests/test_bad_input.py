@@ -24,7 +24,8 @@ import predict
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '1',
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
+        '1',
         '--device', 'cpu', '--log-every', '100']
 
 
@@ -43,21 +44,26 @@ def usage_error(main, argv, capsys):
 
 
 def files_under(path):
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _,
+                  fs in os.walk(path) for f in fs)
 
 
 def copy_data(tiny_data, tmp_path, images=True):
     """A copy of tiny_data to edit; images=False leaves its image folder empty."""
     data = tmp_path / 'data'
-    shutil.copytree(tiny_data, data, ignore=None if images else shutil.ignore_patterns('wiki_labeled'))
+    shutil.copytree(tiny_data, data,
+                    ignore=None if images else shutil.ignore_patterns('wiki_labeled'))
     (data / 'wiki_labeled').mkdir(exist_ok=True)
     return data
 
 
-# ----------------------------------------------------------------------------- every number flag of every script
+# ----------------------------------------------------------------------------- every number flag
+# of every script
 
-PARSERS = {'train.py': train.build_parser, 'cv.py': cv.build_parser, 'clean_data.py': clean_data.build_parser,
-           'predict.py': predict.build_parser, 'bench.py': bench.build_parser, 'demo_data.py': demo_data.build_parser}
+PARSERS = {'train.py': train.build_parser, 'cv.py': cv.build_parser,
+           'clean_data.py': clean_data.build_parser,
+           'predict.py': predict.build_parser, 'bench.py': bench.build_parser,
+           'demo_data.py': demo_data.build_parser}
 
 
 def number_flags():
@@ -71,10 +77,12 @@ def test_every_number_flag_is_checked_by_the_one_number_type():
     flags = list(number_flags())
     assert len(flags) > 30
     for script, _, action in flags:
-        assert getattr(action.type, 'kind', None) in (int, float), f'{script} {action.option_strings[-1]}'
+        assert getattr(action.type, 'kind', None) in (int,
+                                                      float), f'{script} {action.option_strings[-1]}'
 
 
-@pytest.mark.parametrize('script, build, action', list(number_flags()), ids=lambda v: getattr(v, 'dest', str(v)))
+@pytest.mark.parametrize('script, build, action', list(number_flags()),
+                         ids=lambda v: getattr(v, 'dest', str(v)))
 def test_nan_and_inf_are_usage_errors_that_name_the_flag(script, build, action, capsys):
     flag = action.option_strings[-1]
     required = ['--checkpoint', 'x', '--data', 'y'] if script == 'predict.py' else \
@@ -94,7 +102,8 @@ def test_clean_data_nan_age_is_a_usage_error_and_writes_nothing(tiny_data, tmp_p
     assert "--min-age: 'nan' is not a finite number" in usage_error(
         clean_data.main, ['--data', tiny_data, '--out', str(out), '--min-age', 'nan'], capsys)
     assert "--min-face-score: 'inf' is not a finite number" in usage_error(
-        clean_data.main, ['--data', tiny_data, '--out', str(out), '--min-face-score', 'inf'], capsys)
+        clean_data.main, ['--data', tiny_data, '--out', str(out), '--min-face-score', 'inf'],
+        capsys)
     assert not out.exists()
 
 
@@ -143,7 +152,8 @@ def test_the_same_grid_value_twice_is_a_usage_error(tiny_data, tmp_path, capsys)
 
 def test_a_fold_without_validation_rows_stops_before_training(tiny_data, tmp_path, capsys):
     out = tmp_path / 'cv'
-    assert cv.main(['--data', tiny_data, *FAST, '--limit', '10', '--folds', '10', '--out-dir', str(out)]) == 1
+    assert cv.main(['--data', tiny_data, *FAST, '--limit', '10', '--folds', '10', '--out-dir',
+                    str(out)]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'has no test-like row to validate on' in line and 'use fewer --folds' in line
     assert not out.exists()
@@ -162,13 +172,15 @@ def test_a_fold_without_validation_rows_stops_before_training(tiny_data, tmp_pat
     (lambda c: c.update(model={'w': 'not a tensor'}), 'not a state dict of tensors'),
     (lambda c: c.clear(), "no 'model' in it"),
 ])
-def test_an_edited_checkpoint_is_named_with_its_field(tiny_data, trained, tmp_path, capsys, edit, said):
+def test_an_edited_checkpoint_is_named_with_its_field(tiny_data, trained, tmp_path, capsys, edit,
+                                                      said):
     ckpt = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)
     edit(ckpt)
     bad = tmp_path / 'best.pt'
     torch.save(ckpt, bad)
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(out), '--device', 'cpu']) == 1
+    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(out),
+                         '--device', 'cpu']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f'{bad}: ' in line and said in line
     assert not out.exists()
@@ -177,22 +189,20 @@ def test_an_edited_checkpoint_is_named_with_its_field(tiny_data, trained, tmp_pa
 def test_a_checkpoint_that_is_not_a_dict(tiny_data, tmp_path, capsys):
     bad = tmp_path / 'best.pt'
     torch.save([torch.zeros(2)], bad)
-    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(tmp_path / 's.csv'),
+    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out',
+                         str(tmp_path / 's.csv'),
                          '--device', 'cpu']) == 1
     assert 'not a checkpoint of this project' in one_error_line(capsys.readouterr().err)
 
 
 @pytest.fixture(scope='module')
-def interrupted_run(tiny_data, tmp_path_factory):
+def interrupted_run(tiny_data, tmp_path_factory, interrupt):
     """A run stopped by Ctrl-C in its second epoch: a folder with last.pt and no metrics.json."""
     run = tmp_path_factory.mktemp('interrupted') / 'run'
-    proc = subprocess.Popen([sys.executable, 'train.py', '--data', tiny_data, *FAST, '--epochs', '3',
-                             '--log-every', '1', '--out-dir', str(run)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith('epoch 2/3 step 2/'):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    code, _ = interrupt(['train.py', '--data', tiny_data, *FAST, '--epochs', '3', '--log-every',
+                         '1',
+                         '--out-dir', run], at='epoch 2/3 step 2/')
+    assert code == 130
     return run
 
 
@@ -215,10 +225,12 @@ def test_an_edited_last_pt_is_refused_naming_it(interrupted_run, tmp_path, capsy
     assert not (run / 'metrics.json').exists()
 
 
-# ----------------------------------------------------------------------------- exit 0 with an empty or wrong result
+# ----------------------------------------------------------------------------- exit 0 with an
+# empty or wrong result
 
 def test_an_empty_image_folder_is_an_error_that_says_where_it_looked(tiny_data, tmp_path, capsys):
-    data = copy_data(tiny_data, tmp_path, images=False)  # unpacked one level wrong: the folder is there, empty
+    # unpacked one level wrong: the folder is there, empty
+    data = copy_data(tiny_data, tmp_path, images=False)
     out = tmp_path / 'clean.csv'
     assert clean_data.main(['--data', str(data), '--out', str(out)]) == 1
     line = one_error_line(capsys.readouterr().err)
@@ -230,7 +242,8 @@ def test_clean_data_never_overwrites_its_input(tiny_data, tmp_path, capsys):
     data = copy_data(tiny_data, tmp_path, images=False)
     before = (data / 'wiki_labels.csv').read_bytes()
     for name in ('wiki_labels.csv', 'wiki_judge.csv'):
-        line = usage_error(clean_data.main, ['--data', str(data), '--out', str(data / name)], capsys)
+        line = usage_error(clean_data.main, ['--data', str(data), '--out', str(data / name)],
+                           capsys)
         assert f'--out {data / name} is an input of this command' in line
     assert (data / 'wiki_labels.csv').read_bytes() == before
 
@@ -239,12 +252,14 @@ def test_predict_never_overwrites_an_input_image(trained, tmp_path, capsys):
     photo = tmp_path / 'me.png'
     Image.fromarray(demo_data.draw_face(np.random.default_rng(0), 30.0, True)).save(photo)
     before = photo.read_bytes()
-    line = usage_error(predict.main, ['--checkpoint', trained, '--images', str(photo), '--out', str(photo),
+    line = usage_error(predict.main,
+                       ['--checkpoint', trained, '--images', str(photo), '--out', str(photo),
                                       '--device', 'cpu'], capsys)
     assert 'is an input of this command' in line and photo.read_bytes() == before
 
 
-# ----------------------------------------------------------------------------- messages that mislead
+# ----------------------------------------------------------------------------- messages that
+# mislead
 
 def clean_copy(tiny_data, tmp_path, edit):
     """tiny_data with its clean CSV edited by `edit(table)`: the data folder."""
@@ -270,13 +285,15 @@ def test_impossible_ages_in_the_clean_csv_are_named(tiny_data, tmp_path, capsys,
     assert not run.exists()
 
 
-def test_a_loss_that_diverges_at_once_says_no_checkpoint_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
+def test_a_loss_that_diverges_at_once_says_no_checkpoint_was_saved(tiny_data, tmp_path, monkeypatch,
+                                                                   capsys):
     class NaNLoss(torch.nn.SmoothL1Loss):
         def forward(self, out, y):
             return super().forward(out, y) * float('nan')
     monkeypatch.setitem(train.models.LOSSES, 'smoothl1', NaNLoss)
     run = tmp_path / 'run'
-    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--loss', 'smoothl1']) == 1
+    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--loss',
+                       'smoothl1']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'the loss became NaN/inf at epoch 1' in line and 'no checkpoint was saved' in line
     assert not run.exists()  # nothing was written: no empty run folder either
@@ -284,12 +301,14 @@ def test_a_loss_that_diverges_at_once_says_no_checkpoint_was_saved(tiny_data, tm
 
 def test_training_filters_that_leave_nothing_name_themselves(tiny_data, tmp_path, capsys):
     run = tmp_path / 'run'
-    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--train-min-age', '200']) == 1
+    assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--train-min-age',
+                       '200']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'pass the training filters' in line and 'age outside 200..inf' in line and '--train-min-age' in line
     assert not run.exists()
     out = tmp_path / 'cv'
-    assert cv.main(['--data', tiny_data, *FAST, '--folds', '2', '--train-min-age', '200', '--out-dir', str(out)]) == 1
+    assert cv.main(['--data', tiny_data, *FAST, '--folds', '2', '--train-min-age', '200',
+                    '--out-dir', str(out)]) == 1
     assert "fold 0's training part" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
@@ -322,11 +341,13 @@ def test_a_decompression_bomb_is_an_unreadable_row_without_pillow_warnings(tiny_
     table = dataset.read_labels(str(data / 'wiki_labels.csv'))
     victim = table['path'][0]
     Image.new('L', (10000, 10000)).save(data / 'wiki_labeled' / 'wiki_labeled' / victim)
-    proc = subprocess.run([sys.executable, 'clean_data.py', '--data', str(data), '--out', str(tmp_path / 'c.csv')],
+    proc = subprocess.run([sys.executable, 'clean_data.py', '--data', str(data), '--out',
+                           str(tmp_path / 'c.csv')],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ''  # no DecompressionBombWarning from inside Pillow
-    assert 'DecompressionBomb' in proc.stdout and victim in proc.stdout  # listed as unreadable, by its row
+    # listed as unreadable, by its row
+    assert 'DecompressionBomb' in proc.stdout and victim in proc.stdout
     assert victim not in set(pd.read_csv(tmp_path / 'c.csv')['path'])
 
 
@@ -341,7 +362,8 @@ def test_bad_labels_leave_no_predictions_csv(trained, tmp_path, capsys, labels):
     if labels is not None:
         path.write_text(labels)
     out = tmp_path / 'P.csv'
-    assert predict.main(['--checkpoint', trained, '--images', str(photo.parent), '--labels', str(path),
+    assert predict.main(['--checkpoint', trained, '--images', str(photo.parent), '--labels',
+                         str(path),
                          '--out', str(out), '--device', 'cpu']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(path) in line
@@ -362,7 +384,8 @@ def test_labels_that_match_no_image_leave_no_predictions_csv(trained, tmp_path, 
 
 def test_a_failed_cv_run_leaves_nothing_and_the_corrected_command_runs(tiny_data, tmp_path, capsys):
     out = tmp_path / 'cv'
-    assert cv.main(['--data', tiny_data, *FAST, '--limit', '20', '--folds', '50', '--out-dir', str(out)]) == 1
+    assert cv.main(['--data', tiny_data, *FAST, '--limit', '20', '--folds', '50', '--out-dir',
+                    str(out)]) == 1
     assert '50 folds but only 19 people; use fewer --folds' in one_error_line(capsys.readouterr().err)
     assert not out.exists()
     assert cv.main(['--data', tiny_data, *FAST, '--csv', str(tmp_path / 'nope.csv'), '--folds', '2',
@@ -384,7 +407,8 @@ def test_a_cv_folder_without_results_is_free_for_another_command(tiny_data, tmp_
     assert cv.main(['--data', tiny_data, *FAST, '--folds', '2', '--out-dir', str(out)]) == 1
     assert (out / 'config.json').exists()
     monkeypatch.undo()
-    assert cv.main(['--data', tiny_data, *FAST, '--batch-size', '8', '--folds', '2', '--out-dir', str(out)]) == 0
+    assert cv.main(['--data', tiny_data, *FAST, '--batch-size', '8', '--folds', '2', '--out-dir',
+                    str(out)]) == 0
 
 
 def test_a_failed_train_run_leaves_no_dated_folder(tmp_path, monkeypatch):
@@ -417,10 +441,12 @@ def test_a_path_outside_the_image_folder_is_never_opened(tiny_data, tmp_path, ca
     judge_image = sorted((data / 'wiki_judge_images' / 'wiki_judge_images').iterdir())[0]
     text = (data / 'wiki_labels.csv').read_text(encoding='utf-8')
     table = dataset.read_labels(str(data / 'wiki_labels.csv'))
-    text = text.replace(table['path'][0], str(judge_image)).replace(table['path'][1], '../../wiki_judge.csv')
+    text = text.replace(table['path'][0], str(judge_image)).replace(table['path'][1],
+                                                                    '../../wiki_judge.csv')
     (data / 'wiki_labels.csv').write_text(text, encoding='utf-8')
     opened, real = [], dataset.decode_image
-    monkeypatch.setattr(dataset, 'decode_image', lambda path, photo=False: opened.append(path) or real(path, photo))
+    monkeypatch.setattr(dataset, 'decode_image', lambda path,
+                        photo=False: opened.append(path) or real(path, photo))
     assert clean_data.main(['--data', str(data), '--out', str(tmp_path / 'c.csv')]) == 0
     printed = capsys.readouterr().out
     assert '2 image(s) with a path outside the image folder' in printed
@@ -429,12 +455,14 @@ def test_a_path_outside_the_image_folder_is_never_opened(tiny_data, tmp_path, ca
     edited = pd.read_csv(tmp_path / 'c.csv')
     edited.loc[3, 'path'] = str(judge_image)
     edited.to_csv(tmp_path / 'c.csv', index=False)
-    assert train.main(['--data', str(data), '--csv', str(tmp_path / 'c.csv'), '--out-dir', str(tmp_path / 'r'),
+    assert train.main(['--data', str(data), '--csv', str(tmp_path / 'c.csv'), '--out-dir',
+                       str(tmp_path / 'r'),
                        *FAST]) == 1
     assert 'c.csv: line 5: path' in one_error_line(capsys.readouterr().err)
 
 
 def test_an_error_message_is_printed_as_one_line(capsys):
     """pandas' and torch's messages can carry newlines: what reaches stderr is one line."""
-    cli.error(dataset.DataError('x.csv: cannot parse as CSV (Error tokenizing data.\nC error: Expected 11 fields)'))
+    cli.error(dataset.DataError('x.csv: cannot parse as CSV (Error tokenizing data.\nC error: '
+                                'Expected 11 fields)'))
     assert capsys.readouterr().err == 'error: x.csv: cannot parse as CSV (Error tokenizing data. C error: Expected 11 fields)\n'

@@ -1,7 +1,6 @@
 """cv.py: folds, grid expansion, summary numbers, a tiny CV run, resuming and predicting from it."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,7 +15,8 @@ import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
+        '2',
         '--device', 'cpu', '--log-every', '100']
 
 
@@ -24,7 +24,8 @@ def test_grid_expands_every_combination_with_types():
     parser = cv.build_parser()
     combos = cv.parse_grid(parser, ['lr=1e-3,3e-4', 'loss=mse,smoothl1', 'no-augment=true,false'])
     assert len(combos) == 8
-    assert {c['lr'] for c in combos} == {1e-3, 3e-4} and all(isinstance(c['lr'], float) for c in combos)
+    assert {c['lr'] for c in combos} == {1e-3,
+                                         3e-4} and all(isinstance(c['lr'], float) for c in combos)
     assert {c['loss'] for c in combos} == {'mse', 'smoothl1'}
     assert {c['no_augment'] for c in combos} == {True, False}
     assert len({cv.combo_name(c) for c in combos}) == 8  # one folder each
@@ -32,7 +33,9 @@ def test_grid_expands_every_combination_with_types():
     assert cv.parse_grid(parser, ['batch_size=64,128']) == [{'batch_size': 64}, {'batch_size': 128}]
 
 
-@pytest.mark.parametrize('item', ['lr=abc', 'loss=huber', 'folds=3,5', 'nonsense=1', 'lr', 'no_augment=maybe'])
+@pytest.mark.parametrize('item',
+                         ['lr=abc', 'loss=huber', 'folds=3,5', 'nonsense=1', 'lr',
+                          'no_augment=maybe'])
 def test_bad_grid_items_are_usage_errors(item):
     with pytest.raises(SystemExit) as e:
         cv.parse_grid(cv.build_parser(), [item])
@@ -42,7 +45,8 @@ def test_bad_grid_items_are_usage_errors(item):
 def test_summary_mean_and_std_match_numpy():
     rng = np.random.default_rng(0)
     results = pd.DataFrame({'combination': ['a'] * 5 + ['b'] * 5, 'rmse': rng.uniform(5, 10, 10),
-                            'mae': rng.uniform(3, 8, 10), 'r2': rng.uniform(0, 1, 10), 'seconds': 1.0})
+                            'mae': rng.uniform(3, 8, 10), 'r2': rng.uniform(0, 1, 10),
+                            'seconds': 1.0})
     summary = cv.summarize(results).set_index('combination')
     for name in ('a', 'b'):
         part = results[results['combination'] == name]
@@ -74,7 +78,8 @@ def test_cv_writes_folds_results_summary_and_oof(cv_run, tiny_data):
     assert len(summary) == 2 and summary['rmse_mean'].is_monotonic_increasing
     oof = pd.read_csv(os.path.join(out, 'oof_predictions.csv'))
     test_like = clean[np.isfinite(clean['face_score'])]['ID']
-    assert sorted(oof['ID']) == sorted(test_like)  # every test-like row predicted once, by the fold that held it out
+    # every test-like row predicted once, by the fold that held it out
+    assert sorted(oof['ID']) == sorted(test_like)
     assert (oof.set_index('ID')['fold'] == folds.set_index('ID')['fold'].loc[oof['ID']].to_numpy()).all()
     best = summary['combination'][0]
     best_rows = results[results['combination'] == best]
@@ -91,7 +96,8 @@ def test_only_the_best_combinations_fold_models_are_kept(cv_run):
     models = pd.read_csv(os.path.join(out, 'fold_models.csv'))
     assert list(models['fold']) == [0, 1, 2]
     assert all(os.path.exists(os.path.join(out, p)) for p in models['checkpoint'])
-    kept = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f == 'best.pt'}
+    kept = {os.path.relpath(os.path.join(d, f), out) for d, _,
+            fs in os.walk(out) for f in fs if f == 'best.pt'}
     assert kept == set(models['checkpoint'])
 
 
@@ -99,20 +105,24 @@ def test_predict_averages_the_cv_fold_models(cv_run, tiny_data, tmp_path, capsys
     """The submission from a CV run is the mean of what each fold model predicts on its own."""
     out, _ = cv_run
     sub = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', out, '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', out, '--data', tiny_data, '--out', str(sub), '--device',
+                         'cpu']) == 0
     assert '3 model(s)' in capsys.readouterr().out
     checkpoints = pd.read_csv(os.path.join(out, 'fold_models.csv'))['checkpoint']
     singles = []
     for k, ckpt in enumerate(checkpoints):
         one = tmp_path / f'fold{k}.csv'
-        assert predict.main(['--checkpoint', os.path.join(out, ckpt), '--data', tiny_data, '--out', str(one),
+        assert predict.main(['--checkpoint', os.path.join(out, ckpt), '--data', tiny_data, '--out',
+                             str(one),
                              '--device', 'cpu']) == 0
         singles.append(pd.read_csv(one)['age'].to_numpy())
     ensemble = pd.read_csv(sub)
     judge = pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv'))
     assert list(ensemble['ID']) == sorted(judge['ID'])
-    assert np.abs(singles[0] - singles[1]).max() > 0.1  # the fold models differ, so the mean is a real test
-    np.testing.assert_allclose(ensemble['age'], np.mean(singles, axis=0), atol=2e-4)  # 4 decimals in the CSVs
+    # the fold models differ, so the mean is a real test
+    assert np.abs(singles[0] - singles[1]).max() > 0.1
+    # 4 decimals in the CSVs
+    np.testing.assert_allclose(ensemble['age'], np.mean(singles, axis=0), atol=2e-4)
 
 
 def test_rerun_skips_every_finished_cell(cv_run, capsys):
@@ -124,19 +134,16 @@ def test_rerun_skips_every_finished_cell(cv_run, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(out, 'results.csv')), before)
 
 
-def test_resume_continues_an_interrupted_cell_from_its_last_checkpoint(tiny_data, tmp_path):
+def test_resume_continues_an_interrupted_cell_from_its_last_checkpoint(tiny_data, tmp_path,
+                                                                       interrupt):
     """Ctrl-C in the middle of the second fold, then the same command: the first fold is skipped,
     the second continues from its last.pt, and the numbers equal an uninterrupted CV run."""
     argv = [*FAST, '--epochs', '3', '--log-every', '1', '--folds', '2']
     assert cv.main(['--data', tiny_data, *argv, '--out-dir', str(tmp_path / 'straight')]) == 0
-    command = [sys.executable, 'cv.py', '--data', tiny_data, *argv, '--out-dir', str(tmp_path / 'cut')]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    in_fold1 = False
-    for line in proc.stdout:
-        in_fold1 = in_fold1 or line.startswith('[2/2] base fold 1')
-        if in_fold1 and line.startswith('epoch 2/3 step 2/'):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    command = [sys.executable, 'cv.py', '--data', tiny_data, *argv, '--out-dir',
+               str(tmp_path / 'cut')]
+    code, _ = interrupt(command[1:], at='epoch 2/3 step 2/', after='[2/2] base fold 1')
+    assert code == 130
     fold1 = tmp_path / 'cut' / 'cells' / 'base' / 'fold1'
     assert os.path.exists(fold1 / 'last.pt') and not os.path.exists(fold1 / 'result.json')
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -178,9 +185,11 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
             r = json.load(f)
         fold_rows = pd.read_csv(os.path.join(out, 'folds.csv')).query('fold != @k')['ID']
         rows = clean.set_index('ID').loc[fold_rows]
-        trainable = (rows['face_score'] >= 1) & rows['second_face_score'].isna()  # the default training filters
+        # the default training filters
+        trainable = (rows['face_score'] >= 1) & rows['second_face_score'].isna()
         assert r['n_train'] == int((trainable & (rows['age'] <= 25)).sum())
-        # the zero-skill line: the mean age of those training rows, scored on the fold's test-like rows
+        # the zero-skill line: the mean age of those training rows, scored on the fold's test-like
+        # rows
         val_ages = oof[oof['fold'] == k]['age'].to_numpy()
         train_mean = rows['age'][trainable & (rows['age'] <= 25)].mean()
         assert r['mean_rmse'] == pytest.approx(np.sqrt(np.mean((val_ages - train_mean) ** 2)))
@@ -195,9 +204,11 @@ def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monk
 
     monkeypatch.setitem(models.LOSSES, 'mse', NaNLoss)
     out = str(tmp_path / 'run')
-    assert cv.main(['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--grid', 'loss=mse,smoothl1',
+    assert cv.main(['--data', tiny_data, *FAST, '--epochs', '1', '--folds', '2', '--grid',
+                    'loss=mse,smoothl1',
                     '--out-dir', out]) == 0
     summary = pd.read_csv(os.path.join(out, 'summary.csv'))
     assert list(summary['combination']) == ['loss=smoothl1', 'loss=mse']
     assert list(summary['diverged']) == [0, 2] and np.isnan(summary['rmse_mean'][1])
-    assert pd.read_csv(os.path.join(out, 'fold_models.csv'))['checkpoint'].str.contains('smoothl1').all()
+    assert pd.read_csv(os.path.join(out,
+                                    'fold_models.csv'))['checkpoint'].str.contains('smoothl1').all()

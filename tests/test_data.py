@@ -2,8 +2,8 @@
 
     python -m pytest -q tests/test_data.py
 
-Nothing here reads the benchmark data or the network: every CSV is written by hand in Kaggle's format and
-every image is a small PNG drawn with numpy and Pillow.
+Nothing here reads the benchmark data or the network: every CSV is written by hand in Kaggle's
+format and every image is a small PNG drawn with numpy and Pillow.
 """
 import math
 import os
@@ -18,12 +18,16 @@ from PIL import Image
 import clean_data
 import dataset
 import metrics
+import train
+
+AUGMENT = {key: train.RECIPE[key]['cnn'] for key in train.AUGMENTATION}  # the recipe's strengths
 
 HEADER = ('ID,dob,dob_str,photo_taken,full_path,gender,name,face_location,face_score,'
           'second_face_score,age\n')
 
 
-def label_line(ID, rel, gender='1.0', name="['Sami Jauhojärvi']", face_score='4.300962388', second='',
+def label_line(ID, rel, gender='1.0', name="['Sami Jauhojärvi']", face_score='4.300962388',
+               second='',
                age='28.4', location='[[111.29 111.29 252.67 252.67]]'):
     """One wiki_labels.csv row exactly as Kaggle writes it (list literals, numpy-printed box)."""
     return (f"{ID},723671,['05-May-1981'],2009,['{rel}'],{gender},{name},{location},"
@@ -49,7 +53,8 @@ def test_metrics_match_numpy_formulas():
     assert m['r2'] == pytest.approx(r2, rel=1e-9)
     assert 0.5 < m['r2'] < 1  # a sane regime, so the comparison above is not of two trivial values
     # Averaging per-batch RMSEs (what scoring whole arrays avoids) gives another number.
-    per_batch = np.mean([metrics.scores(y[a:b], pred[a:b])['rmse'] for a, b in ((0, 7), (7, 64), (64, 257))])
+    per_batch = np.mean([metrics.scores(y[a:b], pred[a:b])['rmse'] for a,
+                         b in ((0, 7), (7, 64), (64, 257))])
     assert abs(per_batch - m['rmse']) > 1e-3
 
 
@@ -60,7 +65,8 @@ def test_r2_edge_values():
     assert m['r2'] == pytest.approx(0.0, abs=1e-12)
     assert m['rmse'] == pytest.approx(math.sqrt(125.0))
     assert m['mae'] == pytest.approx(10.0)
-    assert math.isnan(metrics.scores(np.full(4, 7.0), y)['r2'])  # all true ages equal: R^2 undefined
+    # all true ages equal: R^2 undefined
+    assert math.isnan(metrics.scores(np.full(4, 7.0), y)['r2'])
     assert metrics.scores([], [])['n'] == 0 and math.isnan(metrics.scores([], [])['rmse'])
 
 
@@ -95,7 +101,8 @@ def test_read_labels_kaggle_csv(tmp_path):
     path.write_text(
         HEADER
         + label_line(2002, '17/10000217_1981-05-05_2009.png')
-        + label_line(2003, '48/31548_1971-03-14_2003.png', gender='', name='[]', face_score='#NAME?',
+        + label_line(2003, '48/31548_1971-03-14_2003.png', gender='', name='[]',
+                     face_score='#NAME?',
                      location='[[1 1 1 1]]', age='31.9')
         + label_line(2004, '05/905_1950-01-01_2000.png', gender='0.0', name='"[""O\'Neil""]"',
                      face_score='-inf', second='1.8891', age='50.084873')
@@ -117,7 +124,8 @@ def test_read_labels_kaggle_csv(tmp_path):
     assert np.isnan(sfs[[0, 1, 3]]).all() and sfs[2] == pytest.approx(1.8891)
     assert t['name'].tolist() == ['Sami Jauhojärvi', '', "O'Neil", 'Zoë Yılmaz']
     # Name first; an empty name falls back to the wiki person id before the first '_'.
-    assert t['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548', "name:O'Neil", 'name:Zoë Yılmaz']
+    assert t['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548', "name:O'Neil", 'name:Zoë '
+                                                                                       'Yılmaz']
 
 
 def test_read_labels_same_person_across_rows(tmp_path):
@@ -129,7 +137,8 @@ def test_read_labels_same_person_across_rows(tmp_path):
 
 
 def full_csv(rows=2):
-    return HEADER + ''.join(label_line(2002 + i, f'17/{i}_1981-05-05_2009.png') for i in range(rows))
+    return HEADER + ''.join(label_line(2002 + i,
+                                       f'17/{i}_1981-05-05_2009.png') for i in range(rows))
 
 
 def expect_data_error(path, *fragments):
@@ -197,7 +206,9 @@ def save_png(path, array):
 def make_kaggle_folder(root, flat=False):
     """One row per cleaning rule, plus three good rows (one with NaN gender and no name, one an
     RGB 120x90 image that must be converted and kept). Returns {ID: relative path}."""
-    images = os.path.join(root, 'wiki_labeled') if flat else os.path.join(root, 'wiki_labeled', 'wiki_labeled')
+    images = os.path.join(root,
+                          'wiki_labeled') if flat else os.path.join(root, 'wiki_labeled',
+                                                                    'wiki_labeled')
     rows, rel = [], {}
 
     def add(ID, file, **fields):
@@ -221,7 +232,8 @@ def make_kaggle_folder(root, flat=False):
     os.makedirs(os.path.dirname(p), exist_ok=True)
     with open(p, 'wb') as f:
         f.write(b'<html>404 Not Found</html>' * 10)  # not an image at all
-    save_png(add(2009, '109_1981-05-05_2009.png', face_score='#NAME?', location='[[1 1 1 1]]'), face(9))
+    save_png(add(2009, '109_1981-05-05_2009.png', face_score='#NAME?', location='[[1 1 1 1]]'),
+             face(9))
     save_png(add(2010, '110_1981-05-05_2009.png', face_score='0.5'), face(10))
     save_png(add(2011, '111_1981-05-05_2009.png', second='2.1234'), face(11))
     save_png(add(2012, '112_1981-05-05_2009.png', age='0.0'), face(12))
@@ -246,7 +258,8 @@ def test_clean_data_each_rule(tmp_path, capsys, monkeypatch, flat):
     root = tmp_path / 'wiki'
     rel, image_dir = make_kaggle_folder(str(root), flat=flat)
     out = tmp_path / 'out' / 'clean.csv'
-    assert clean_data.main(['--data', str(root), '--out', str(out), '--min-face-score', '1', '--drop-second-face']) == 0
+    assert clean_data.main(['--data', str(root), '--out', str(out), '--min-face-score', '1',
+                            '--drop-second-face']) == 0
     printed = capsys.readouterr().out
 
     clean = dataset.read_clean(str(out))
@@ -283,7 +296,8 @@ def test_clean_data_by_default_removes_only_the_unusable(tmp_path, capsys):
     out = tmp_path / 'clean.csv'
     assert clean_data.main(['--data', str(root), '--out', str(out)]) == 0
     printed = capsys.readouterr().out
-    assert list(report_table(printed)) == ['rows in wiki_labels.csv', 'image missing or does not decode',
+    assert list(report_table(printed)) == ['rows in wiki_labels.csv', 'image missing or does not '
+                                                                      'decode',
                                            'age outside 1..100']
     clean = dataset.read_clean(str(out))
     assert {2002, 2003, 2004} < set(clean['ID'])  # the strict cleaning's rows, and more
@@ -326,9 +340,11 @@ def test_metadata_rules_flag_exactly_their_rows():
         (3.0, nan, 791.79),  # 10 nonsense birth date
         (3.0, nan, nan),    # 11 no age
     ])
-    assert list(clean_data.metadata_rules(t)) == ['age outside 1..100']  # the default: only the unusable
+    # the default: only the unusable
+    assert list(clean_data.metadata_rules(t)) == ['age outside 1..100']
     rules = clean_data.metadata_rules(t, min_face_score=1.0, drop_second_face=True)
-    assert list(rules) == ['face_score not a number or < 1', 'second face detected', 'age outside 1..100']
+    assert list(rules) == ['face_score not a number or < 1', 'second face detected', 'age outside '
+                                                                                     '1..100']
     flagged = {rule: np.flatnonzero(mask).tolist() for rule, mask in rules.items()}
     assert flagged['face_score not a number or < 1'] == [1, 2, 3]
     assert flagged['second face detected'] == [5]
@@ -336,7 +352,8 @@ def test_metadata_rules_flag_exactly_their_rows():
 
 
 def test_metadata_rules_options():
-    t = metadata_table([(4.3, math.nan, 28.0), (2.0, 1.5, 28.0), (0.5, math.nan, 28.0), (3.0, math.nan, 70.0)])
+    t = metadata_table([(4.3, math.nan, 28.0), (2.0, 1.5, 28.0), (0.5, math.nan, 28.0),
+                        (3.0, math.nan, 70.0)])
     rules = clean_data.metadata_rules(t, min_face_score=3.0, min_age=20, max_age=60)
     assert list(rules) == ['face_score not a number or < 3', 'age outside 20..60']
     assert np.flatnonzero(rules['face_score not a number or < 3']).tolist() == [1, 2]
@@ -368,16 +385,17 @@ def test_decode_rgb_converted_to_luma(tmp_path):
 
 def test_decode_16bit_scaled_to_8bit(tmp_path):
     """A 16-bit grey PNG holds 0..65535: the face must survive as v/257, not be clipped to white."""
-    v16 = (np.arange(100 * 100, dtype=np.int64).reshape(100, 100) * 65535 // (100 * 100 - 1)).astype(np.uint16)
+    v16 = (np.arange(100 * 100, dtype=np.int64).reshape(100,
+                                                        100) * 65535 // (100 * 100 - 1)).astype(np.uint16)
     Image.fromarray(v16).save(tmp_path / 'deep.png')
     assert Image.open(tmp_path / 'deep.png').mode.startswith('I')  # really a 16-bit file
     out, problem = dataset.decode_image(str(tmp_path / 'deep.png'))
     assert problem is not None and problem.startswith('converted')
     assert out.shape == (100, 100) and out.dtype == np.uint8
     error = np.abs(out.astype(float) - v16 / 257.0)
-    assert error.max() <= 1.0, (f'{(error > 1).mean():.1%} of the pixels are off by up to {error.max():.0f} '
-                                f'grey levels; first row decoded as {out[0, :6].tolist()}, '
-                                f'second as {out[1, :6].tolist()}')
+    assert error.max() <= 1.0, (f'{(error > 1).mean():.1%} of the pixels are off by up to '
+                                f'{error.max():.0f} grey levels; first row decoded as '
+                                f'{out[0, :6].tolist()}, second as {out[1, :6].tolist()}')
 
 
 def test_decode_wrong_size_resized(tmp_path):
@@ -472,7 +490,7 @@ def fold_data(n_people=400, seed=1):
 def test_person_folds_grouped_balanced_stratified():
     person, age = fold_data()
     k = 5
-    folds = dataset.person_folds(person, age, k, seed=0)
+    folds = clean_data.person_folds(person, age, k, seed=0)
     assert folds.shape == (len(person),) and folds.dtype == np.int64
     assert set(folds.tolist()) == set(range(k))
     per_person = pd.Series(folds).groupby(person).nunique()
@@ -491,9 +509,9 @@ def test_person_folds_grouped_balanced_stratified():
 
 def test_person_folds_seeded():
     person, age = fold_data()
-    a = dataset.person_folds(person, age, 5, seed=3)
-    np.testing.assert_array_equal(a, dataset.person_folds(person, age, 5, seed=3))
-    b = dataset.person_folds(person, age, 5, seed=4)
+    a = clean_data.person_folds(person, age, 5, seed=3)
+    np.testing.assert_array_equal(a, clean_data.person_folds(person, age, 5, seed=3))
+    b = clean_data.person_folds(person, age, 5, seed=4)
     assert (a != b).mean() > 0.3  # most rows move to another fold
 
 
@@ -510,7 +528,8 @@ def test_to_model_input_plain(channels, size):
         if channels == 1:
             expected = ((v - dataset.GREY_MEAN) / dataset.GREY_STD).unsqueeze(1)
         else:
-            expected = torch.stack([(v - m) / s for m, s in zip(dataset.IMAGENET_MEAN, dataset.IMAGENET_STD)], 1)
+            expected = torch.stack([(v - m) / s for m,
+                                    s in zip(dataset.IMAGENET_MEAN, dataset.IMAGENET_STD)], 1)
         torch.testing.assert_close(out, expected)
     else:  # a plain resize keeps the mean brightness
         back = out[:, 0] * (dataset.GREY_STD if channels == 1 else dataset.IMAGENET_STD[0]) \
@@ -522,15 +541,16 @@ def test_to_model_input_plain(channels, size):
 def test_to_model_input_augmented(channels):
     img = torch.from_numpy(face(42))
     x = torch.stack([img, img, img, img])  # four identical images
-    out = dataset.to_model_input(x, 64, channels, generator=torch.Generator().manual_seed(5))
+    out = dataset.to_model_input(x, 64, channels, torch.Generator().manual_seed(5), AUGMENT)
     assert out.shape == (4, channels, 64, 64) and out.dtype == torch.float32
     for i in range(1, 4):  # each image drew its own crop/rotation/flip/colour
         assert (out[0] - out[i]).abs().max() > 0.1
-    again = dataset.to_model_input(x, 64, channels, generator=torch.Generator().manual_seed(5))
+    again = dataset.to_model_input(x, 64, channels, torch.Generator().manual_seed(5), AUGMENT)
     torch.testing.assert_close(out, again, rtol=0, atol=0)
-    other = dataset.to_model_input(x, 64, channels, generator=torch.Generator().manual_seed(6))
+    other = dataset.to_model_input(x, 64, channels, torch.Generator().manual_seed(6), AUGMENT)
     assert (out - other).abs().max() > 0.1
-    lo, hi = ((0 - dataset.GREY_MEAN) / dataset.GREY_STD, (1 - dataset.GREY_MEAN) / dataset.GREY_STD)
+    lo, hi = ((0 - dataset.GREY_MEAN) / dataset.GREY_STD,
+              (1 - dataset.GREY_MEAN) / dataset.GREY_STD)
     if channels == 1:  # pixels are clamped to 0..1 before normalising
         assert out.min() >= lo - 1e-5 and out.max() <= hi + 1e-5
 
@@ -542,8 +562,9 @@ def test_to_model_input_flip():
         flipped = dataset.to_model_input(x, size, channels, flip=True)
         torch.testing.assert_close(flipped, plain.flip(-1))
         assert (flipped - plain).abs().max() > 0.1
-    aug = dataset.to_model_input(x, 64, 1, generator=torch.Generator().manual_seed(9))
-    aug_flip = dataset.to_model_input(x, 64, 1, generator=torch.Generator().manual_seed(9), flip=True)
+    aug = dataset.to_model_input(x, 64, 1, torch.Generator().manual_seed(9), AUGMENT)
+    aug_flip = dataset.to_model_input(x, 64, 1, torch.Generator().manual_seed(9), AUGMENT,
+                                      flip=True)
     torch.testing.assert_close(aug_flip, aug.flip(-1))
 
 
@@ -585,15 +606,31 @@ def test_augmentation_grid_matches_affine_grid():
     """The hand-built sampling grid samples where F.affine_grid with the same matrix would."""
     import torch.nn.functional as F
     x = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
-    out = dataset.to_model_input(x, 64, 1, generator=torch.Generator().manual_seed(3))
-    p = dataset.augment_params(6, torch.Generator().manual_seed(3), 'cpu')
+    out = dataset.to_model_input(x, 64, 1, torch.Generator().manual_seed(3), AUGMENT)
+    p = dataset.augment_params(6, torch.Generator().manual_seed(3), 'cpu', AUGMENT)
     cos, sin = p['angle'].cos(), p['angle'].sin()
     theta = torch.stack([torch.stack([p['w'] * p['flip'] * cos, -p['h'] * sin, p['cx']], 1),
                          torch.stack([p['w'] * p['flip'] * sin, p['h'] * cos, p['cy']], 1)], 1)
     grid = F.affine_grid(theta, (6, 1, 64, 64), align_corners=False)
-    ref = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode='border', align_corners=False)
+    ref = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode='border',
+                        align_corners=False)
     mean = ref.mean(dim=(1, 2, 3), keepdim=True)
     c, b = p['contrast'].view(-1, 1, 1, 1), p['brightness'].view(-1, 1, 1, 1)
     ref = (((ref - mean) * c + mean) * b).clamp(0, 1)
     ref = (ref - dataset.GREY_MEAN) / dataset.GREY_STD
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_augmentation_follows_the_strengths_it_is_given():
+    """Strengths that leave nothing to draw (the whole face, no turn, no flip, no colour change)
+    give the plain resize: the recipe's table, not numbers inside dataset.py, sets augmentation."""
+    x = torch.randint(0, 256, (4, 100, 100), dtype=torch.uint8)
+    none = {'crop_area': (1.0, 1.0), 'crop_aspect': (1.0, 1.0), 'rotation': 0.0, 'flip': 0.0,
+            'brightness': (1.0, 1.0), 'contrast': (1.0, 1.0)}
+    plain = dataset.to_model_input(x, 100, 1)
+    torch.testing.assert_close(dataset.to_model_input(x, 100, 1, torch.Generator().manual_seed(1),
+                                                      none),
+                               plain, atol=1e-4, rtol=0)
+    always_flipped = dataset.to_model_input(x, 100, 1, torch.Generator().manual_seed(1),
+                                            {**none, 'flip': 1.0})
+    torch.testing.assert_close(always_flipped, plain.flip(-1), atol=1e-4, rtol=0)

@@ -18,11 +18,13 @@ import torchvision
 import clean_data
 import cv
 import dataset
+import models
 import predict
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
+        '2',
         '--device', 'cpu', '--log-every', '1']
 
 
@@ -32,18 +34,16 @@ def one_error_line(err):
     return lines[0]
 
 
-def test_resume_on_another_kind_of_device(tiny_data, tmp_path):
-    """A last.pt saved on a GPU resumes with --device cpu: its CUDA generator state (16 bytes) cannot
-    go into a CPU generator, so the draws are seeded afresh with a warning, and the run finishes."""
+def test_resume_on_another_kind_of_device(tiny_data, tmp_path, interrupt):
+    """A last.pt saved on a GPU resumes with --device cpu: its CUDA generator state (16 bytes)
+    cannot go into a CPU generator, so the draws are seeded afresh with a warning, and the run
+    finishes."""
     out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, 'train.py', '--data', tiny_data, *FAST, '--epochs', '3',
-                             '--out-dir', str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for line in proc.stdout:
-        if line.startswith('epoch 2/3 step 2/'):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
-    # What a CUDA run writes: its device, a 16-byte Philox state for augmentation and for CUDA's RNG.
+    code, _ = interrupt(['train.py', '--data', tiny_data, *FAST, '--epochs', '3', '--out-dir', out],
+                        at='epoch 2/3 step 2/')
+    assert code == 130
+    # What a CUDA run writes: its device, a 16-byte Philox state for augmentation and for CUDA's
+    # RNG.
     last = torch.load(out / 'last.pt', weights_only=True)
     last.update(device_type='cuda', aug_rng=torch.zeros(16, dtype=torch.uint8),
                 cuda_rng=torch.zeros(16, dtype=torch.uint8))
@@ -54,7 +54,8 @@ def test_resume_on_another_kind_of_device(tiny_data, tmp_path):
     torch.save(last, older / 'last.pt')
     for run, said in ((out, 'last.pt was saved on cuda, this run goes on on cpu'),
                       (older, 'last.pt was saved on another device, this run goes on on cpu')):
-        resumed = subprocess.run([sys.executable, 'train.py', '--resume', str(run), '--device', 'cpu'], cwd=ROOT,
+        resumed = subprocess.run([sys.executable, 'train.py', '--resume', str(run), '--device',
+                                  'cpu'], cwd=ROOT,
                                  capture_output=True, text=True, timeout=120)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert 'Traceback' not in resumed.stderr
@@ -76,7 +77,8 @@ def test_weights_file_of_another_architecture(tiny_data, tmp_path, capsys):
     forgive that."""
     path = tmp_path / 'resnet18.pth'
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    code = train.main(['--data', tiny_data, '--out-dir', str(tmp_path / 'run'), *FAST, '--model', 'resnet50',
+    code = train.main(['--data', tiny_data, '--out-dir', str(tmp_path / 'run'), *FAST, '--model',
+                       'resnet50',
                        '--weights', str(path)])
     assert code == 1
     line = one_error_line(capsys.readouterr().err)
@@ -89,7 +91,8 @@ def test_predict_checkpoint_that_does_not_fit_its_model(tiny_data, trained, tmp_
     bad = tmp_path / 'best.pt'
     torch.save(ckpt, bad)
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(out), '--device', 'cpu']) == 1
+    assert predict.main(['--checkpoint', str(bad), '--data', tiny_data, '--out', str(out),
+                         '--device', 'cpu']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f'{bad}: its weights do not fit a resnet50' in line
     assert not out.exists()
@@ -101,7 +104,8 @@ def test_predict_non_integer_id_in_sample_submission(tiny_data, trained, tmp_pat
     ids = list(pd.read_csv(data / 'wiki_judge.csv')['ID'])
     (data / 'sample_submission.csv').write_text('ID,age\n' + f'{ids[0]},0\n' + '12.5,0\n' + f'{ids[1]},0\n')
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 1
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out),
+                         '--device', 'cpu']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "sample_submission.csv: line 3: ID = '12.5' is not a whole number" in line
     assert not out.exists()
@@ -111,18 +115,21 @@ def test_predict_fold_models_without_checkpoint_column(tiny_data, tmp_path, caps
     run = tmp_path / 'cv'
     run.mkdir()
     (run / 'fold_models.csv').write_text('fold,val_rmse\n0,9.1\n1,9.3\n')
-    assert predict.main(['--checkpoint', str(run), '--data', tiny_data, '--out', str(tmp_path / 's.csv'),
+    assert predict.main(['--checkpoint', str(run), '--data', tiny_data, '--out',
+                         str(tmp_path / 's.csv'),
                          '--device', 'cpu']) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'fold_models.csv: missing column(s) checkpoint' in line
 
 
-def test_predict_out_of_memory_suggests_a_batch_size(tiny_data, trained, tmp_path, monkeypatch, capsys):
+def test_predict_out_of_memory_suggests_a_batch_size(tiny_data, trained, tmp_path, monkeypatch,
+                                                     capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB')
-    monkeypatch.setattr(predict, 'predict_ages', oom)
+    monkeypatch.setattr(models, 'predict_ages', oom)
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out), '--device', 'cpu',
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out),
+                         '--device', 'cpu',
                          '--batch-size', '64']) == 1
     assert 'out of GPU memory at --batch-size 64; try --batch-size 32' in one_error_line(capsys.readouterr().err)
     assert not out.exists()
@@ -151,11 +158,13 @@ def test_damaged_image_cache_is_rebuilt(tmp_path, damage):
     np.testing.assert_array_equal(again, first)
     assert ok.all()
     assert any(line.startswith('warning: the image cache') and 'decoding the images again' in line for line in lines)
-    third, _ = dataset.load_images(csv, table, str(root), log=lambda *a: pytest.fail('decoded a third time'))
+    third, _ = dataset.load_images(csv, table, str(root), log=lambda *a: pytest.fail('decoded a '
+                                                                                     'third time'))
     np.testing.assert_array_equal(third, first)  # the rebuilt cache is good again
 
 
-def test_clean_data_read_error_is_not_called_a_write_error(tiny_data, tmp_path, monkeypatch, capsys):
+def test_clean_data_read_error_is_not_called_a_write_error(tiny_data, tmp_path, monkeypatch,
+                                                           capsys):
     """A PermissionError while reading wiki_labels.csv (root cannot be denied a read, so the read
     raises it here) is reported as the file that cannot be read."""
     real = pd.read_csv
@@ -187,14 +196,16 @@ def test_cv_report_names_cells_without_a_result(tiny_data, tmp_path, monkeypatch
     assert cv.main(argv) == 0
     gone = out / 'cells' / 'base' / 'fold1' / 'result.json'
     os.remove(gone)
-    monkeypatch.setattr(cv, 'run_cell', lambda *a, **k: None)  # as if another process had this run and died
+    # as if another process had this run and died
+    monkeypatch.setattr(cv, 'run_cell', lambda *a, **k: None)
     capsys.readouterr()
     assert cv.main(argv) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f'1 run(s) have no result: {gone}; run the same command again to train them' in line
 
 
-def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys, ctrl_c_raises):
+def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys,
+                                             ctrl_c_raises):
     """Ctrl-C while the images are decoded the first time: out in well under a second, not after
     all images (nor after a training step)."""
     data = tmp_path / 'data'
@@ -209,7 +220,8 @@ def test_ctrl_c_while_decoding_stops_at_once(tiny_data, tmp_path, monkeypatch, c
         return real(path, photo)
     monkeypatch.setattr(dataset, 'decode_image', slow)
     rows = len(pd.read_csv(data / 'wiki_labels_clean.csv'))
-    assert rows * 0.2 / 8 > 2  # decoding them all takes longer than the wait below, even on 8 threads
+    # decoding them all takes longer than the wait below, even on 8 threads
+    assert rows * 0.2 / 8 > 2
     code = train.main(['--data', str(data), '--out-dir', str(tmp_path / 'run'), *FAST])
     assert code == 130 and time.time() - started[0] < 1.5
     assert one_error_line(capsys.readouterr().err) == 'error: interrupted'

@@ -82,7 +82,8 @@ def test_unknown_model_and_cnn_imagenet():
         models.build_model('cnn', 'imagenet')
 
 
-# ----------------------------------------------------------------------------- ImageNet from the hub cache
+# ----------------------------------------------------------------------------- ImageNet from the
+# hub cache
 
 def test_imagenet_weights_from_hub_cache(tmp_path):
     cache = models.imagenet_cache_file()
@@ -95,7 +96,8 @@ def test_imagenet_weights_from_hub_cache(tmp_path):
     model = models.build_model('resnet50', 'imagenet')
     net = model.backbone
     torch.testing.assert_close(net.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
-    torch.testing.assert_close(net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight, rtol=0, atol=0)
+    torch.testing.assert_close(net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight, rtol=0,
+                               atol=0)
     torch.testing.assert_close(net.bn1.running_mean, reference.bn1.running_mean, rtol=0, atol=0)
     assert not torch.equal(random_resnet50(seed=124).conv1.weight, reference.conv1.weight)
     assert net.fc.out_features == 1  # a new one-number head
@@ -113,7 +115,8 @@ def test_imagenet_weights_missing_names_the_file(tmp_path):
 
 def test_imagenet_cache_file_with_pickled_code_refused(tmp_path):
     """The error message above tells users to copy the weights file from another machine; like
-    --weights FILE, that file must be read as plain tensors, and a bad one must be a WeightsError."""
+    --weights FILE, that file must be read as plain tensors, and a bad one must be a
+    WeightsError."""
     cache = models.imagenet_cache_file()
     os.makedirs(os.path.dirname(cache))
     marker = tmp_path / 'pwned'
@@ -133,7 +136,8 @@ def test_weights_file_state_dict_resnet50(tmp_path):
     torch.save(reference.state_dict(), path)  # with its 1000-class fc, which is dropped
     net = models.build_model('resnet50', str(path)).backbone
     torch.testing.assert_close(net.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
-    torch.testing.assert_close(net.layer3[0].downsample[0].weight, reference.layer3[0].downsample[0].weight,
+    torch.testing.assert_close(net.layer3[0].downsample[0].weight,
+                               reference.layer3[0].downsample[0].weight,
                                rtol=0, atol=0)
     assert net.fc.out_features == 1
 
@@ -142,13 +146,15 @@ def test_weights_file_checkpoint_and_cnn(tmp_path):
     torch.manual_seed(11)
     source = models.build_model('cnn', 'none', y_mean=30, y_std=10)
     ckpt = tmp_path / 'best.pt'
-    torch.save({'model': source.state_dict(), 'model_name': 'cnn', 'size': 64, 'y_mean': 30.0}, ckpt)
+    torch.save({'model': source.state_dict(), 'model_name': 'cnn', 'size': 64, 'y_mean': 30.0},
+               ckpt)
     plain = tmp_path / 'cnn.pth'
     torch.save(source.backbone.state_dict(), plain)
     for path in (ckpt, plain):
         torch.manual_seed(12)  # a different init: only loading can make them equal
         loaded = models.build_model('cnn', str(path))
-        for (name, a), (_, b) in zip(source.backbone.state_dict().items(), loaded.backbone.state_dict().items()):
+        for (name, a), (_, b) in zip(source.backbone.state_dict().items(),
+                                     loaded.backbone.state_dict().items()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f'{path.name}: {name}')
 
 
@@ -186,7 +192,8 @@ def crafted_files(tmp_path, marker):
 
 
 def test_crafted_payload_is_live(tmp_path):
-    """Proves the payload below really writes a file when unpickled, so the refusals mean something."""
+    """Proves the payload below really writes a file when unpickled, so the refusals mean
+    something."""
     marker = tmp_path / 'pwned_control'
     for path in crafted_files(tmp_path, marker):
         if marker.exists():
@@ -229,7 +236,8 @@ def test_load_checkpoint_round_trip(tmp_path):
     path = tmp_path / 'best.pt'
     models.save_file(str(path), ckpt)
     loaded = models.load_checkpoint(str(path))
-    assert {k: v for k, v in loaded.items() if k != 'model'} == {k: v for k, v in ckpt.items() if k != 'model'}
+    assert {k: v for k, v in loaded.items() if k != 'model'} == {k: v for k,
+                                                                 v in ckpt.items() if k != 'model'}
     for name, value in ckpt['model'].items():
         torch.testing.assert_close(loaded['model'][name], value, rtol=0, atol=0)
     assert os.listdir(tmp_path) == ['best.pt']
@@ -237,9 +245,11 @@ def test_load_checkpoint_round_trip(tmp_path):
 
 def test_bf16_only_where_the_gpu_computes_it(monkeypatch):
     """A T4 or P100 (Kaggle's GPUs) has no bf16 units: torch would emulate it, slowly, and its
-    is_bf16_supported() says True unless asked without emulation. Those get fp16 (with loss scaling)."""
+    is_bf16_supported() says True unless asked without emulation. Those get fp16 (with loss
+    scaling)."""
     cuda = torch.device('cuda')
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                        lambda including_emulation=True: including_emulation)
     assert models.half_dtype(cuda) == torch.float16  # a T4
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     assert models.half_dtype(cuda) == torch.bfloat16  # an A100, an H200

@@ -13,6 +13,7 @@ from PIL import Image
 import dataset
 import demo_data
 import metrics
+import models
 import predict
 
 def face(age=40.0, seed=0):
@@ -30,13 +31,16 @@ def test_exif_rotated_colour_jpeg_predicts_like_the_upright_face(trained, tmp_pa
     # A phone stores a portrait sideways and says in EXIF (orientation 6) how to turn it back.
     exif = Image.Exif()
     exif[dataset.EXIF_ORIENTATION] = 6
-    colour.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'sideways.jpg', quality=100, exif=exif)
+    colour.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'sideways.jpg', quality=100,
+                                                     exif=exif)
     upright, _ = dataset.decode_image(str(tmp_path / 'upright.jpg'), photo=True)
     turned, problem = dataset.decode_image(str(tmp_path / 'sideways.jpg'), photo=True)
     assert 'turned upright' in problem
-    assert np.abs(upright.astype(int) - turned.astype(int)).mean() < 1.5  # the same face (JPEG aside)
+    # the same face (JPEG aside)
+    assert np.abs(upright.astype(int) - turned.astype(int)).mean() < 1.5
     ignored, _ = dataset.decode_image(str(tmp_path / 'sideways.jpg'))
-    assert np.abs(upright.astype(int) - ignored.astype(int)).mean() > 10  # what ignoring EXIF would see
+    # what ignoring EXIF would see
+    assert np.abs(upright.astype(int) - ignored.astype(int)).mean() > 10
     out = tmp_path / 'pred.csv'
     assert run_images(trained, [tmp_path / 'upright.jpg', tmp_path / 'sideways.jpg'], out) == 0
     ages = pd.read_csv(out).set_index('path')['age']
@@ -73,12 +77,17 @@ def test_folder_walk_odd_files_and_the_table(trained, tmp_path, capsys):
     assert run_images(trained, [folder], out) == 0
     captured = capsys.readouterr()
     table = pd.read_csv(out)
-    readable = [folder / 'a' / 'b' / 'x16.png', folder / 'a' / 'tiny.png', folder / 'a' / 'y.webp', folder / 'z.png']
-    assert list(table.columns) == ['path', 'age'] and list(table['path']) == list(map(str, readable))
+    readable = [folder / 'a' / 'b' / 'x16.png', folder / 'a' / 'tiny.png', folder / 'a' / 'y.webp',
+                folder / 'z.png']
+    assert list(table.columns) == ['path',
+                                   'age'] and list(table['path']) == list(map(str, readable))
     assert table['age'].between(1, 100).all()
     printed = [line.split()[0] for line in captured.out.splitlines() if line.startswith(str(folder))]
-    assert printed == sorted(map(str, readable + [folder / 'a' / 'empty.jpg', folder / 'a' / 'notes.txt']))
-    assert re.search(r'empty\.jpg +unreadable', captured.out) and re.search(r'notes\.txt +unreadable', captured.out)
+    assert printed == sorted(map(str,
+                                 readable + [folder / 'a' / 'empty.jpg',
+                                             folder / 'a' / 'notes.txt']))
+    assert re.search(r'empty\.jpg +unreadable',
+                     captured.out) and re.search(r'notes\.txt +unreadable', captured.out)
     assert 'warning: 2 file(s) could not be read as images and are not in the CSV' in captured.err
     x16, _ = dataset.decode_image(str(folder / 'a' / 'b' / 'x16.png'), photo=True)
     np.testing.assert_array_equal(x16, face(seed=4))  # 16 bits scaled, not clipped
@@ -102,13 +111,15 @@ def test_labels_scores_like_numpy_and_counts_the_missing(trained, tmp_path, caps
     for i, name in enumerate(ages):
         Image.fromarray(face(age=ages[name], seed=i)).save(folder / name)
     # Names relative to the folder, and one file that is not there.
-    pd.DataFrame({'file': [*ages, 'gone.png'], 'age': [*ages.values(), 44.0]}).to_csv(folder / 'labels.csv', index=False)
+    pd.DataFrame({'file': [*ages, 'gone.png'],
+                  'age': [*ages.values(), 44.0]}).to_csv(folder / 'labels.csv', index=False)
     out = tmp_path / 'pred.csv'
     assert run_images(trained, [folder], out, '--labels', str(folder / 'labels.csv')) == 0
     text = capsys.readouterr().out
     pred = pd.read_csv(out)
     assert len(pred) == 5  # the labels CSV inside the folder is not taken for a photo
-    merged = pd.DataFrame({'path': [str(folder / f) for f in ages], 'age': list(ages.values())}).merge(
+    merged = pd.DataFrame({'path': [str(folder / f) for f in ages],
+                           'age': list(ages.values())}).merge(
         pred, on='path', suffixes=('', '_pred'))
     err = merged['age_pred'] - merged['age']
     rmse, mae = np.sqrt(np.mean(err ** 2)), np.mean(np.abs(err))
@@ -118,7 +129,8 @@ def test_labels_scores_like_numpy_and_counts_the_missing(trained, tmp_path, caps
     assert '0-9 ' in text and '70-79 ' in text
     assert os.path.getsize(tmp_path / 'pred_vs_actual.png') > 1000 and os.path.getsize(tmp_path / 'pred_by_decade.png') > 1000
     # Absolute names work too.
-    pd.DataFrame({'file': [str(folder / 'f2.png')], 'age': [51.0]}).to_csv(tmp_path / 'abs.csv', index=False)
+    pd.DataFrame({'file': [str(folder / 'f2.png')],
+                  'age': [51.0]}).to_csv(tmp_path / 'abs.csv', index=False)
     assert run_images(trained, [folder], out, '--labels', str(tmp_path / 'abs.csv')) == 0
     assert '1 of 1 labelled image(s) found' in capsys.readouterr().out
 
@@ -127,7 +139,8 @@ def test_images_on_the_demo_judge_files_score_like_the_kaggle_submission(tiny_da
     """The demo's test images as plain files with its hidden answers as labels give the RMSE of the
     Kaggle-layout submission scored against the same answers."""
     sub = tmp_path / 'submission.csv'
-    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(sub),
+                         '--device', 'cpu']) == 0
     answers = pd.read_csv(os.path.join(tiny_data, 'demo_judge_answers.csv'))
     scored = answers.merge(pd.read_csv(sub), on='ID', suffixes=('', '_pred'))
     rmse = np.sqrt(np.mean((scored['age_pred'] - scored['age']) ** 2))
@@ -135,7 +148,8 @@ def test_images_on_the_demo_judge_files_score_like_the_kaggle_submission(tiny_da
     pd.DataFrame({'file': [f'{i}.png' for i in answers['ID']], 'age': answers['age']}).to_csv(
         tmp_path / 'answers.csv', index=False)
     capsys.readouterr()
-    assert run_images(trained, [judge_images], tmp_path / 'pred.csv', '--labels', str(tmp_path / 'answers.csv')) == 0
+    assert run_images(trained, [judge_images], tmp_path / 'pred.csv', '--labels',
+                      str(tmp_path / 'answers.csv')) == 0
     text = capsys.readouterr().out
     assert f'{len(answers)} of {len(answers)} labelled image(s) found' in text
     assert float(re.search(r'^RMSE (\S+)', text, re.M).group(1)) == pytest.approx(rmse, abs=2e-3)
@@ -144,7 +158,6 @@ def test_images_on_the_demo_judge_files_score_like_the_kaggle_submission(tiny_da
 @pytest.mark.parametrize('flags, message', [
     (['--data', 'x', '--images', 'y'], 'not allowed with argument'),
     ([], 'one of the arguments --data --images is required'),
-    (['--data', 'x', '--labels', 'l.csv'], '--labels scores --images'),
 ])
 def test_data_and_images_exclude_each_other(trained, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -186,8 +199,10 @@ def test_labels_with_a_constant_model_warn(trained, tmp_path, monkeypatch, capsy
         Image.fromarray(face(age=a, seed=i)).save(folder / f'{i}.png')
     pd.DataFrame({'file': [f'{i}.png' for i in range(5)], 'age': [10, 30, 50, 70, 90]}).to_csv(
         tmp_path / 'l.csv', index=False)
-    monkeypatch.setattr(predict, 'predict_ages', lambda model, images, rows, *a, **k: torch.full((len(rows),), 37.0))
-    assert run_images(trained, [folder], tmp_path / 'p.csv', '--labels', str(tmp_path / 'l.csv')) == 0
+    monkeypatch.setattr(models, 'predict_ages', lambda model, images, rows, *a,
+                        **k: torch.full((len(rows),), 37.0))
+    assert run_images(trained, [folder], tmp_path / 'p.csv', '--labels',
+                      str(tmp_path / 'l.csv')) == 0
     assert 'collapsed towards the mean age 37.0' in capsys.readouterr().out
 
 
@@ -200,7 +215,31 @@ def test_framing_picture_is_drawn(tmp_path):
 def test_rmse_by_decade_names_and_numbers():
     age, pred = np.array([5.0, 15, 17.5, 95, 100]), np.array([7.0, 15, 20.5, 80, 90])
     by_decade = metrics.rmse_by_decade(age, pred)
-    assert list(by_decade) == ['0-9', '10-19', '90+']  # empty decades are left out; 100 counts as 90+
+    # empty decades are left out; 100 counts as 90+
+    assert list(by_decade) == ['0-9', '10-19', '90+']
     assert by_decade['0-9'] == {'rmse': 2.0, 'n': 1}
     assert by_decade['10-19'] == {'rmse': pytest.approx(np.sqrt(9 / 2)), 'n': 2}
     assert by_decade['90+'] == {'rmse': pytest.approx(np.sqrt((225 + 100) / 2)), 'n': 2}
+
+
+def test_a_submission_is_scored_by_its_answers_and_a_collapse_is_warned(tiny_data, trained, tmp_path, monkeypatch,
+                                                                        capsys):
+    """--data with --labels ID,age (the demo's hidden answers) scores the submission it writes, as
+    numpy does from the two CSVs; a model that predicts one age for everyone is warned of."""
+    answers = os.path.join(tiny_data, 'demo_judge_answers.csv')
+    out = tmp_path / 'sub.csv'
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--labels', answers, '--out',
+                         str(out),
+                         '--device', 'cpu']) == 0
+    both = pd.read_csv(out).merge(pd.read_csv(answers), on='ID', suffixes=('', '_true'))
+    rmse = np.sqrt(np.mean((both['age'] - both['age_true']) ** 2))
+    text = capsys.readouterr().out
+    assert f'labels: {len(both)} of {len(both)} labelled ID(s) predicted' in text
+    assert float(re.search(r'^RMSE (\S+)', text, re.M).group(1)) == pytest.approx(rmse, abs=2e-3)
+    assert (tmp_path / 'sub_vs_actual.png').exists() and (tmp_path / 'sub_by_decade.png').exists()
+    monkeypatch.setattr(models, 'predict_ages', lambda model, images, rows, *a,
+                        **k: torch.full((len(rows),), 37.0))
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out',
+                         str(tmp_path / 'flat.csv'),
+                         '--device', 'cpu']) == 0
+    assert 'collapsed towards the mean age 37.0' in capsys.readouterr().err

@@ -1,5 +1,4 @@
 """train.py and predict.py through their real entry points, on tiny synthetic data, on the CPU."""
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,8 @@ import predict
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs', '2',
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
+        '2',
         '--device', 'cpu', '--log-every', '1']
 
 
@@ -43,6 +43,27 @@ def trained(tiny_data, tmp_path_factory):
     return str(out)
 
 
+def test_start_here_one_epoch_on_a_few_demo_faces(tiny_data, tmp_path):
+    """Start here. One epoch of the baseline cnn on 60 synthetic faces, on the CPU, and what its run
+    folder then holds: best.pt (the model, all predict.py needs), history.csv (a row per epoch),
+    metrics.json (the final scores), val_predictions.csv (a row per validation face) and the two
+    plots. No last.pt: that is only there while a run can still be resumed."""
+    out = tmp_path / 'first'
+    assert train.main(['--data', tiny_data, '--out-dir', str(out), '--model', 'cnn', '--limit',
+                       '60',
+                       '--epochs', '1', '--size', '32', '--device', 'cpu']) == 0
+    assert sorted(os.listdir(out)) == ['best.pt', 'error_by_decade.png', 'history.csv',
+                                       'metrics.json',
+                                       'predictions.png', 'val_predictions.csv']
+    assert len(pd.read_csv(out / 'history.csv')) == 1
+    scores = read_json(out / 'metrics.json')
+    val = pd.read_csv(out / 'val_predictions.csv')
+    assert scores['n_val'] == len(val) > 0 and scores['epochs_run'] == 1
+    assert scores['val_rmse'] == pytest.approx(np.sqrt(np.mean((val['prediction'] - val['age']) ** 2)), rel=1e-4)
+    model, ckpt = predict.load_model(str(out / 'best.pt'), torch.device('cpu'))
+    assert (ckpt['model_name'], ckpt['size']) == ('cnn', 32)
+
+
 def test_train_writes_the_run_directory(trained):
     metrics = read_json(os.path.join(trained, 'metrics.json'))
     for key in ('val_rmse', 'val_mae', 'val_r2', 'train_img_per_s', 'best_epoch'):
@@ -51,7 +72,8 @@ def test_train_writes_the_run_directory(trained):
     assert metrics['stopped'] == 'completed' and metrics['epochs_run'] == 2
     history = pd.read_csv(os.path.join(trained, 'history.csv'))
     assert list(history['epoch']) == [1, 2]
-    assert history.loc[metrics['best_epoch'] - 1, 'val_rmse'] == pytest.approx(metrics['val_rmse'], rel=1e-9)
+    assert history.loc[metrics['best_epoch'] - 1,
+                       'val_rmse'] == pytest.approx(metrics['val_rmse'], rel=1e-9)
     val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
     rmse = np.sqrt(np.mean((val['prediction'] - val['age']) ** 2))
     assert rmse == pytest.approx(metrics['val_rmse'], rel=1e-5)
@@ -63,7 +85,8 @@ def test_train_writes_the_run_directory(trained):
 
 def test_submission_has_exactly_the_judge_ids(tiny_data, trained, tmp_path):
     out = tmp_path / 'submission.csv'
-    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out),
+                         '--device', 'cpu']) == 0
     sub = pd.read_csv(out)
     judge = pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv'))
     assert list(sub.columns) == ['ID', 'age']
@@ -74,25 +97,31 @@ def test_submission_has_exactly_the_judge_ids(tiny_data, trained, tmp_path):
 @pytest.mark.parametrize('model', ['cnn', 'resnet50'])
 def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path, model):
     """The same image and checkpoint give the same number in train.py's validation and predict.py,
-    flip TTA included: the 1-channel cnn, and resnet50 with its grey input repeated to 3 channels."""
+    flip TTA included: the 1-channel cnn, and resnet50 with its grey input repeated to 3
+    channels."""
     if model == 'resnet50':
         trained = str(tmp_path / 'r50')
-        assert run_train(tiny_data, trained, '--model', 'resnet50', '--epochs', '1', '--log-every', '100') == 0
+        assert run_train(tiny_data, trained, '--model', 'resnet50', '--epochs', '1', '--log-every',
+                         '100') == 0
     val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv')).set_index('ID')
     judge_dir = tmp_path / 'judge' / 'wiki_judge_images' / 'wiki_judge_images'
     judge_dir.mkdir(parents=True)
     for ID in val['ID']:
-        shutil.copy(os.path.join(tiny_data, 'wiki_labeled', 'wiki_labeled', clean.loc[ID, 'path']), judge_dir / f'{ID}.png')
+        shutil.copy(os.path.join(tiny_data, 'wiki_labeled', 'wiki_labeled', clean.loc[ID, 'path']),
+                    judge_dir / f'{ID}.png')
     pd.DataFrame({'ID': val['ID'], 'full_path': [f"['{i}.png']" for i in val['ID']]}).to_csv(
         tmp_path / 'judge' / 'wiki_judge.csv', index=False)
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', os.path.join(trained, 'best.pt'), '--data', str(tmp_path / 'judge'),
+    assert predict.main(['--checkpoint', os.path.join(trained, 'best.pt'), '--data',
+                         str(tmp_path / 'judge'),
                          '--out', str(out), '--device', 'cpu']) == 0  # flip TTA on both sides
     merged = val.merge(pd.read_csv(out), on='ID')
     assert len(merged) == len(val) and merged['prediction'].std() > 0.01
-    np.testing.assert_allclose(merged['age_y'], merged['prediction'], atol=1e-3)  # 4 decimals in the CSV
-    assert torch.load(os.path.join(trained, 'best.pt'), weights_only=True)['channels'] == (3 if model == 'resnet50' else 1)
+    # 4 decimals in the CSV
+    np.testing.assert_allclose(merged['age_y'], merged['prediction'], atol=1e-3)
+    assert torch.load(os.path.join(trained, 'best.pt'),
+                      weights_only=True)['channels'] == (3 if model == 'resnet50' else 1)
 
 
 def test_missing_and_unreadable_judge_images_keep_their_rows(tiny_data, trained, tmp_path, capsys):
@@ -103,7 +132,8 @@ def test_missing_and_unreadable_judge_images_keep_their_rows(tiny_data, trained,
     missing.unlink()
     empty.write_bytes(b'')
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out),
+                         '--device', 'cpu']) == 0
     sub = pd.read_csv(out).set_index('ID')
     assert len(sub) == 20
     mean = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)['y_mean']
@@ -120,13 +150,15 @@ def test_sample_submission_decides_the_ids(tiny_data, trained, tmp_path):
     ids = sorted(judge['ID'])[::2]
     pd.DataFrame({'ID': ids[::-1], 'age': 0}).to_csv(data / 'sample_submission.csv', index=False)
     out = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out),
+                         '--device', 'cpu']) == 0
     assert list(pd.read_csv(out)['ID']) == ids
 
 
 def test_same_seed_same_metrics(tiny_data, trained, tmp_path):
     assert run_train(tiny_data, tmp_path / 'again') == 0
-    first, second = read_json(os.path.join(trained, 'metrics.json')), read_json(tmp_path / 'again' / 'metrics.json')
+    first, second = read_json(os.path.join(trained,
+                                           'metrics.json')), read_json(tmp_path / 'again' / 'metrics.json')
     assert first['val_rmse'] == second['val_rmse'] and first['val_r2'] == second['val_r2']
 
 
@@ -159,24 +191,25 @@ def test_impossible_options_are_usage_errors(tiny_data, tmp_path, capsys, flags,
 def test_unreadable_images_in_the_clean_csv_are_skipped_and_counted(tmp_path, capsys):
     """With --no-image-check the clean CSV keeps the missing and the truncated PNG of the demo data:
     training skips exactly those rows, says so, and runs."""
-    import clean_data
     data = tmp_path / 'data'
     demo_data.make_demo_data(str(data), n=200, n_judge=5, seed=1)
-    assert clean_data.main(['--data', str(data), '--no-image-check', '--min-age', '0', '--max-age', '1000']) == 0
+    assert clean_data.main(['--data', str(data), '--no-image-check', '--min-age', '0', '--max-age',
+                            '1000']) == 0
     capsys.readouterr()
     assert run_train(str(data), tmp_path / 'run', '--epochs', '1') == 0
     out = capsys.readouterr().out
     labels = dataset.read_labels(str(data / 'wiki_labels.csv'))
-    bad_ids = [int(labels['ID'][7]), int(labels['ID'][11])]  # the demo's missing and truncated files
+    # the demo's missing and truncated files
+    bad_ids = [int(labels['ID'][7]), int(labels['ID'][11])]
     assert f'skipping 2 row(s) whose image cannot be read, IDs {bad_ids}' in out
     metrics = read_json(tmp_path / 'run' / 'metrics.json')
-    assert metrics['n_train'] + metrics['n_val'] < 198  # rows without a face neither train nor validate
+    # rows without a face neither train nor validate
+    assert metrics['n_train'] + metrics['n_val'] < 198
 
 
 def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys):
     assert train.main(['--data', str(tmp_path), '--out-dir', str(tmp_path / 'run'), *FAST]) == 1
     assert 'wiki_labels_clean.csv not found' in capsys.readouterr().err
-    import clean_data
     assert clean_data.main(['--data', str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert 'wiki_labels.csv' in err and 'wiki_labeled/wiki_labeled/ or wiki_labeled/' in err
@@ -189,7 +222,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_d
         def forward(self, out, y):
             calls['n'] += 1
             loss = super().forward(out, y)
-            return loss * float('nan') if calls['n'] == 9 else loss  # epoch 2 of 6-step epochs, step 3
+            # epoch 2 of 6-step epochs, step 3
+            return loss * float('nan') if calls['n'] == 9 else loss
 
     monkeypatch.setitem(models.LOSSES, 'mse', PoisonedMSE)
     out = tmp_path / 'run'
@@ -240,84 +274,101 @@ def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_
     assert metrics['n_val'] == len(val) and metrics['n_val_clean'] == int((~weak_or_second).sum())
     ok = val[~weak_or_second.to_numpy()]
     assert metrics['val_rmse_clean'] == pytest.approx(np.sqrt(np.mean((ok['prediction'] - ok['age']) ** 2)), rel=1e-4)
-    assert run_train(tiny_data, tmp_path / 'all', '--train-min-face-score=-inf', '--train-keep-second-face') == 0
+    assert run_train(tiny_data, tmp_path / 'all', '--train-min-face-score=-inf',
+                     '--train-keep-second-face') == 0
     wide = read_json(tmp_path / 'all' / 'metrics.json')
     assert wide['n_val'] == metrics['n_val'] and wide['n_train'] > metrics['n_train']
 
 
 def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
-    """Run train.py and return the gender of every training row it drew, over all epochs."""
-    split = {}
-    real_fit, real_order = train.fit, clean_data.epoch_order
+    """Run train.py; return the gender of every training row, and of every row it drew, over all
+    epochs."""
+    seen = {}
+    real_rows, real_order = train.make_rows, train.epoch_order
 
-    def fit(args, images, table, train_rows, *rest, **kw):
-        split.update(gender=table['gender'].to_numpy()[np.asarray(train_rows)])
-        return real_fit(args, images, table, train_rows, *rest, **kw)
+    def make_rows(args, images, table, train_rows, val_rows):
+        seen.update(gender=table['gender'].to_numpy(), train=np.asarray(train_rows))
+        return real_rows(args, images, table, train_rows, val_rows)
 
-    def epoch_order(*a, **kw):
-        order = real_order(*a, **kw)
-        split.setdefault('drawn', []).append(order.numpy())
+    def epoch_order(run, epoch):
+        order = real_order(run, epoch)
+        seen.setdefault('drawn', []).append(order.numpy())
         return order
-    monkeypatch.setattr(train, 'fit', fit)
-    monkeypatch.setattr(clean_data, 'epoch_order', epoch_order)
+    monkeypatch.setattr(train, 'make_rows', make_rows)
+    monkeypatch.setattr(train, 'epoch_order', epoch_order)
     assert run_train(tiny_data, out_dir, *flags) == 0
-    return split['gender'], split['gender'][np.concatenate(split['drawn'])]
+    return seen['gender'][seen['train']], seen['gender'][np.concatenate(seen['drawn'])]
 
 
 def test_balance_gender_draws_the_rarer_gender_as_often_and_leaves_validation_alone(
         tiny_data, trained, tmp_path, monkeypatch):
-    rows, drawn = drawn_genders(tiny_data, tmp_path / 'balanced', monkeypatch, '--balance-gender', '--epochs', '4')
+    rows, drawn = drawn_genders(tiny_data, tmp_path / 'balanced', monkeypatch, '--balance-gender',
+                                '--epochs', '4')
     female_share = lambda g: (g == 0).sum() / ((g == 0) | (g == 1)).sum()  # noqa: E731
     assert female_share(rows) < 0.3  # the demo data, like wiki, has about one woman in four
     assert 0.4 < female_share(drawn) < 0.6  # balanced draws: about half of the known genders
-    assert np.isnan(drawn).mean() == pytest.approx(np.isnan(rows).mean(), abs=0.05)  # unknown keeps its share
+    # unknown keeps its share
+    assert np.isnan(drawn).mean() == pytest.approx(np.isnan(rows).mean(), abs=0.05)
     _, plain = drawn_genders(tiny_data, tmp_path / 'plain', monkeypatch, '--epochs', '4')
-    assert female_share(plain) == pytest.approx(female_share(rows))  # without it: every row once an epoch
+    # without it: every row once an epoch
+    assert female_share(plain) == pytest.approx(female_share(rows))
     balanced = pd.read_csv(tmp_path / 'balanced' / 'val_predictions.csv')
-    assert list(balanced['ID']) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
+    assert list(balanced['ID']) == list(pd.read_csv(os.path.join(trained,
+                                                                 'val_predictions.csv'))['ID'])
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
     f = lambda step: train.lr_factor(step, total_steps=100, warmup_steps=10)  # noqa: E731
     assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
     assert f(10) == pytest.approx(1.0)  # the peak
-    assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))  # a sixth of the way down the cosine
+    # a sixth of the way down the cosine
+    assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
     assert f(55) == pytest.approx(0.5)  # half-way
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) > f(s + 1) for s in range(10, 100))
-    assert train.warmup_steps(total_steps=1000, steps_per_epoch=20) == 60  # at most three epochs
-    assert train.warmup_steps(total_steps=100, steps_per_epoch=20) == 10  # else a tenth
+    recipe = train.recipe_of('cnn')
+    assert train.warmup_steps(1000, 20, recipe) == 60  # at most three epochs
+    assert train.warmup_steps(100, 20, recipe) == 10  # else a tenth
 
 
 def test_a_run_ends_at_a_learning_rate_near_zero(trained):
-    history = pd.read_csv(os.path.join(trained, 'history.csv'))  # lr: what the epoch's last step used
+    # lr: what the epoch's last step used
+    history = pd.read_csv(os.path.join(trained, 'history.csv'))
     assert history['lr'].iloc[0] > 1e-4 and history['lr'].iloc[-1] < 0.05 * 1e-3
 
 
 def test_under_a_time_limit_the_schedule_follows_the_larger_fraction():
-    f = lambda step, t: train.lr_factor(step, total_steps=100, warmup_steps=10, time_fraction=t)  # noqa: E731
+    f = lambda step, t: train.lr_factor(step, total_steps=100, warmup_steps=10,
+                                        time_fraction=t)  # noqa: E731
     assert f(20, 0.0) == train.lr_factor(20, 100, 10)  # no time limit: the step alone
-    assert f(20, 0.55) == pytest.approx(0.5)  # 55% of the time gone: half-way down, whatever the step
-    assert f(60, 0.30) == pytest.approx(train.lr_factor(60, 100, 10))  # ahead in steps: the step counts
+    # 55% of the time gone: half-way down, whatever the step
+    assert f(20, 0.55) == pytest.approx(0.5)
+    # ahead in steps: the step counts
+    assert f(60, 0.30) == pytest.approx(train.lr_factor(60, 100, 10))
     assert f(3, 0.05) == pytest.approx((5 + 1) / 10)  # the warm-up runs on time too
-    assert f(20, 1.0) == pytest.approx(0.0, abs=1e-12) and f(20, 1.7) == pytest.approx(0.0, abs=1e-12)
+    assert f(20, 1.0) == pytest.approx(0.0, abs=1e-12) and f(20,
+                                                             1.7) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_time_limited_run_decays_to_zero_at_the_limit(tiny_data, tmp_path):
     out = tmp_path / 'run'
-    assert run_train(tiny_data, out, '--epochs', '500', '--time-limit', '0.1', '--log-every', '1000') == 0
+    assert run_train(tiny_data, out, '--epochs', '500', '--time-limit', '0.1', '--log-every',
+                     '1000') == 0
     metrics = read_json(out / 'metrics.json')
     history = pd.read_csv(out / 'history.csv')
-    assert metrics['stopped'] == 'time_limit' and metrics['epochs_run'] < 500  # epochs: an upper bound
-    assert history['lr'].max() > 5e-4 and history['lr'].iloc[-1] < 0.1 * 1e-3  # warmed up, then decayed
+    # epochs: an upper bound
+    assert metrics['stopped'] == 'time_limit' and metrics['epochs_run'] < 500
+    # warmed up, then decayed
+    assert history['lr'].max() > 5e-4 and history['lr'].iloc[-1] < 0.1 * 1e-3
 
 
 def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_when_pretrained():
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    args = cli.parse_args(parser, ['--model', 'resnet50', '--weights', 'none', '--weight-decay', '0.05'])
+    args = cli.parse_args(train.build_parser(),
+                          ['--model', 'resnet50', '--weights', 'none', '--weight-decay', '0.05'])
     model = models.build_model('resnet50', 'none')
-    optimizer, _ = train.build_optimizer(model, args, torch.device('cpu'))
+    optimizer, _ = models.build_optimizer(model, args.lr, train.backbone_lr(args),
+                                          args.weight_decay,
+                                          torch.device('cpu'))
     decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05 for p in g['params']}
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
@@ -328,7 +379,9 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
     assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert {g['lr'] for g in optimizer.param_groups} == {1e-3}  # from scratch: one rate
     args.weights = 'imagenet'
-    optimizer, _ = train.build_optimizer(model, args, torch.device('cpu'))
+    optimizer, _ = models.build_optimizer(model, args.lr, train.backbone_lr(args),
+                                          args.weight_decay,
+                                          torch.device('cpu'))
     head = {id(p) for p in model.backbone.fc.parameters()}
     for g in optimizer.param_groups:
         assert g['lr'] == (1e-3 if id(g['params'][0]) in head else 1e-4)
@@ -336,7 +389,7 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
 
 def test_ema_weights_are_validated_and_saved(tiny_data, tmp_path, monkeypatch):
     seen, validated = {}, set()
-    real_finish, real_predict = train.finish, predict.predict_ages
+    real_finish, real_predict = train.finish, models.predict_ages
 
     def finish(run, stopped):
         seen['raw'] = {k: v.clone() for k, v in run.learner.model.state_dict().items()}
@@ -348,7 +401,7 @@ def test_ema_weights_are_validated_and_saved(tiny_data, tmp_path, monkeypatch):
         validated.add(id(model))
         return real_predict(model, *a, **k)
     monkeypatch.setattr(train, 'finish', finish)
-    monkeypatch.setattr(predict, 'predict_ages', counting_predict)
+    monkeypatch.setattr(models, 'predict_ages', counting_predict)
     assert run_train(tiny_data, tmp_path / 'val', '--ema', '0.9', '--epochs', '2') == 0
     assert validated == {seen['ema_id']}  # validation scores the average, never the raw weights
     out = tmp_path / 'final'  # without validation best.pt is the last epoch's: compare it exactly
@@ -356,7 +409,8 @@ def test_ema_weights_are_validated_and_saved(tiny_data, tmp_path, monkeypatch):
     key = 'backbone.0.weight'
     torch.manual_seed(0)
     initial = models.build_model('cnn', 'none').state_dict()[key]
-    assert (seen['raw'][key] - seen['ema'][key]).abs().max() > 1e-4  # the average is not the last step
+    # the average is not the last step
+    assert (seen['raw'][key] - seen['ema'][key]).abs().max() > 1e-4
     assert (initial - seen['ema'][key]).abs().max() > 1e-3  # and it moved with training
     best = torch.load(out / 'best.pt', weights_only=True)
     torch.testing.assert_close(best['model'][key], seen['ema'][key])  # best.pt holds the average
@@ -372,9 +426,10 @@ def test_dex_predicts_an_expected_age_and_its_loss_falls(tiny_data, tmp_path):
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['bins'] == 101 and best['model']['backbone.19.weight'].shape == (101, 256)
     sub = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', str(out), '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', str(out), '--data', tiny_data, '--out', str(sub),
+                         '--device', 'cpu']) == 0
     assert pd.read_csv(sub)['age'].between(0, 100).all()
-    loss = models.DEXLoss(y_mean=40.0, y_std=10.0)
+    loss = models.DEXLoss(y_mean=40.0, y_std=10.0, sigma=train.RECIPE['dex_sigma']['cnn'])
     logits = torch.zeros(2, 101)
     logits[0, 30], logits[1, 60] = 20.0, 20.0  # confident at 30 and at 60
     y = (torch.tensor([30.0, 60.0]) - 40) / 10
@@ -388,16 +443,19 @@ def test_val_frac_zero_trains_on_every_row_and_predicts(tiny_data, tmp_path, cap
     assert run_train(tiny_data, out, '--val-frac', '0', '--epochs', '2') == 0
     metrics = read_json(out / 'metrics.json')
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
-    trainable = (clean['face_score'] >= 1) & clean['second_face_score'].isna()  # the default training filters
+    # the default training filters
+    trainable = (clean['face_score'] >= 1) & clean['second_face_score'].isna()
     assert metrics['n_train'] == trainable.sum() and metrics['n_val'] == 0 and metrics['epochs_run'] == 2
     assert 'trained on all' in capsys.readouterr().out
     assert torch.load(out / 'best.pt', weights_only=True)['epoch'] == 2  # the last epoch's model
     sub = tmp_path / 'sub.csv'
-    assert predict.main(['--checkpoint', str(out), '--data', tiny_data, '--out', str(sub), '--device', 'cpu']) == 0
+    assert predict.main(['--checkpoint', str(out), '--data', tiny_data, '--out', str(sub),
+                         '--device', 'cpu']) == 0
     assert len(pd.read_csv(sub)) == len(pd.read_csv(os.path.join(tiny_data, 'wiki_judge.csv')))
 
 
-def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, tmp_path, monkeypatch):
+def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, tmp_path,
+                                                                    monkeypatch):
     real = train.evaluate
 
     def worsening(run):  # the real evaluation, with an RMSE that gets worse after epoch 1
@@ -417,34 +475,32 @@ def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     images = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
     rows = np.arange(6)
     args = (rows, 48, 1, 4, torch.device('cpu'))
-    plain = predict.predict_ages(model, images, *args)
-    mirrored = predict.predict_ages(model, images.flip(-1), *args)
-    both = predict.predict_ages(model, images, *args, tta=True)
+    plain = models.predict_ages(model, images, *args)
+    mirrored = models.predict_ages(model, images.flip(-1), *args)
+    both = models.predict_ages(model, images, *args, tta=True)
     assert (plain - mirrored).abs().max() > 0.01  # the mirror image gives another age
     torch.testing.assert_close(both, (plain + mirrored) / 2)
 
 
 def test_balance_weights_equalise_genders_and_keep_unknown():
     gender = np.array([1, 1, 1, 1, 1, 1, 0, 0, np.nan, np.nan])
-    w = clean_data.draw_weights(gender).numpy()
+    w = train.draw_weights(gender).numpy()
     assert w[gender == 1].sum() == pytest.approx(w[gender == 0].sum())
     assert w[gender == 1].sum() + w[gender == 0].sum() == pytest.approx(8)
     np.testing.assert_array_equal(w[np.isnan(gender)], [1, 1])
 
 
 def run_script(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
 
 
-def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path):
-    args = ['--data', tiny_data, *FAST, '--epochs', '3']
+def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path, interrupt):
     assert run_train(tiny_data, tmp_path / 'straight', '--epochs', '3') == 0
-    proc = subprocess.Popen([sys.executable, 'train.py', *args, '--out-dir', str(tmp_path / 'cut')], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith('epoch 2/3 step 2/'):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    code, _ = interrupt(['train.py', '--data', tiny_data, *FAST, '--epochs', '3', '--out-dir',
+                         tmp_path / 'cut'],
+                        at='epoch 2/3 step 2/')
+    assert code == 130
     last = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
     assert last['state']['epoch'] == 1 and last['state']['step'] >= 2  # saved mid-epoch 2
     assert not os.path.exists(tmp_path / 'cut' / 'metrics.json')
@@ -458,15 +514,10 @@ def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path
     assert read_json(tmp_path / 'straight' / 'metrics.json')['val_rmse'] == read_json(tmp_path / 'cut' / 'metrics.json')['val_rmse']
 
 
-def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path):
-    proc = subprocess.Popen([sys.executable, 'train.py', '--data', tiny_data, *FAST, '--out-dir', str(tmp_path / 'run')],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = ''
-    for line in proc.stdout:
-        out += line
-        if line.startswith('epoch 1/2 step 2/'):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path, interrupt):
+    code, out = interrupt(['train.py', '--data', tiny_data, *FAST, '--out-dir', tmp_path / 'run'],
+                          at='epoch 1/2 step 2/', sig=signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out
     assert 'SIGTERM: stopping after this step' in out and 'Traceback' not in out
     last = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
     assert last['state']['epoch'] == 0 and last['state']['step'] >= 2
@@ -474,38 +525,45 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path):
     assert read_json(tmp_path / 'run' / 'metrics.json')['epochs_run'] == 2
 
 
-def test_weights_size_and_loss_defaults_follow_the_model_and_demo_size_flag_wins():
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    assert cli.parse_args(parser, ['--model', 'cnn']).weights == 'none'
-    assert cli.parse_args(parser, ['--model', 'resnet50']).weights == 'imagenet'
-    assert cli.parse_args(parser, ['--model', 'cnn']).size == 48  # input size: per model too
-    assert cli.parse_args(parser, ['--model', 'resnet50']).size == 100
-    assert cli.parse_args(parser, ['--model', 'cnn']).loss == 'dex'  # and the loss
-    assert cli.parse_args(parser, ['--model', 'resnet50']).loss == 'smoothl1'
-    assert cli.parse_args(parser, ['--model', 'cnn', '--loss', 'mse']).loss == 'mse'
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    assert cli.parse_args(parser, ['--demo', '--size=48']).size == 48
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    args = cli.parse_args(parser, ['--demo', '--model', 'resnet50'])
-    assert (args.model, args.size, args.weights, args.batch_size) == ('resnet50', 32, 'none', 48)
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    args = cli.parse_args(parser, ['--demo', '--epochs', '3'])
-    assert (args.model, args.size, args.epochs, args.time_limit, args.batch_size) == ('cnn', 64, 3, None, 32)
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    args = cli.parse_args(parser, ['--demo', '--model', 'resnet50'], cv=True)  # cv.py's demo: by epochs too
-    assert (args.epochs, args.time_limit, args.size, args.batch_size) == (6, None, 32, 48)
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    assert cli.parse_args(parser, ['--demo', '--model', 'resnet50', '--batch-size', '16']).batch_size == 16
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    args = cli.parse_args(parser, ['--demo', '--epoch', '4', '--mod', 'resnet50'])  # abbreviated flags win too
-    assert (args.model, args.size, args.epochs) == ('resnet50', 32, 4)
+@pytest.mark.parametrize('argv, cv, expected', [
+    (['--model', 'cnn'], False, dict(weights='none', size=48, loss='dex', lr=1e-3, epochs=30)),
+    (['--model', 'resnet50'], False,
+     dict(weights='imagenet', size=100, loss='smoothl1', batch_size=32)),
+    (['--model', 'cnn', '--loss', 'mse'], False, dict(loss='mse')),  # a flag wins over the recipe
+    (['--demo', '--size=48'], False, dict(model='cnn', size=48, lr=2e-3)),  # ... and over the demo
+    (['--demo', '--model', 'resnet50'], False,
+     dict(size=32, weights='none', batch_size=48, epochs=15)),
+    (['--demo', '--epochs', '3'], False,
+     dict(model='cnn', size=64, epochs=3, time_limit=None, batch_size=32)),
+    # cv.py's demo
+    (['--demo', '--model', 'resnet50'], True, dict(epochs=6, time_limit=None, size=32)),
+    (['--demo', '--model', 'resnet50', '--batch-size', '16'], False, dict(batch_size=16)),
+    (['--demo', '--epoch', '4', '--mod', 'resnet50'], False,
+     dict(model='resnet50', size=32, epochs=4)),
+])
+def test_defaults_follow_the_model_and_the_demo_and_a_flag_wins(argv, cv, expected):
+    args = cli.parse_args(train.build_parser(), [*argv, '--device', 'cpu'], cv=cv)
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_the_recipe_table_is_the_one_place_a_default_is_set(monkeypatch):
+    """Change entries of train.RECIPE and train.DEMO: the parser, --help and a run's learner
+    follow."""
+    monkeypatch.setitem(train.RECIPE, 'loss', {'cnn': 'mse', 'resnet50': 'l1'})
+    monkeypatch.setitem(train.RECIPE['lr'], 'cnn', 5e-4)
+    monkeypatch.setitem(train.RECIPE['batch_cpu'], 'resnet50', 8)
+    monkeypatch.setitem(train.DEMO['size'], 'cnn', 40)
+    cnn = cli.parse_args(train.build_parser(), ['--model', 'cnn', '--device', 'cpu'])
+    assert (cnn.loss, cnn.lr, cnn.batch_size) == ('mse', 5e-4, 32)
+    resnet = cli.parse_args(train.build_parser(), ['--device', 'cpu'])
+    assert (resnet.loss, resnet.lr, resnet.batch_size) == ('l1', 1e-3, 8)
+    assert cli.parse_args(train.build_parser(), ['--demo', '--device', 'cpu']).size == 40
+    assert 'mse for cnn, l1 for resnet50' in ' '.join(train.build_parser().format_help().split())
+    recipe = {**train.recipe_of('cnn'), 'dex_sigma': 2.5, 'rotation': 0.0}
+    dex = cli.parse_args(train.build_parser(),
+                         ['--model', 'cnn', '--loss', 'dex', '--device', 'cpu'])
+    learner = train.build_learner(dex, recipe, 40.0, 10.0, torch.device('cpu'))
+    assert learner.criterion.sigma == 2.5 and learner.augment['rotation'] == 0.0
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
@@ -513,7 +571,8 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     them), so they agree on the best epoch and on when to stop; the training loss they log is the
     mean over both."""
     out = tmp_path / 'ddp'
-    wrapper = tmp_path / 'train_ranks.py'  # train.py, with each process printing what its fit returned
+    # train.py, with each process printing what its fit returned
+    wrapper = tmp_path / 'train_ranks.py'
     wrapper.write_text(f"""import json, sys
 sys.path.insert(0, {ROOT!r})
 import train
@@ -527,12 +586,14 @@ def finish(run, stopped):
 train.finish = finish
 sys.exit(train.main())
 """)
-    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(wrapper),
+    proc = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                       str(wrapper),
                        '--data', tiny_data, '--out-dir', str(out), *FAST, '--epochs', '3'],
                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count('done: val RMSE') == 1  # only rank 0 logs
-    results = {line.split()[1]: line.split(' ', 2)[2] for line in proc.stdout.splitlines() if line.startswith('RESULT')}
+    results = {line.split()[1]: line.split(' ',
+                                           2)[2] for line in proc.stdout.splitlines() if line.startswith('RESULT')}
     assert set(results) == {'0', '1'} and results['0'] == results['1']
     metrics = read_json(out / 'metrics.json')
     assert metrics['world_size'] == 2 and np.isfinite(metrics['val_rmse'])
@@ -551,10 +612,13 @@ def test_torchrun_cv_spreads_the_folds_over_two_processes(tiny_data, tmp_path):
 
 
 def test_batch_size_default_follows_the_device_and_the_flag_wins(monkeypatch):
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    assert cli.parse_args(parser, ['--device', 'cpu']).batch_size == cli.CPU_BATCH == 32
-    assert cli.parse_args(parser, ['--device', 'cuda']).batch_size == cli.GPU_BATCH == 128
+    parser = train.build_parser()
+    assert cli.parse_args(parser,
+                          ['--device',
+                           'cpu']).batch_size == train.RECIPE['batch_cpu']['resnet50'] == 32
+    assert cli.parse_args(parser,
+                          ['--device',
+                           'cuda']).batch_size == train.RECIPE['batch_gpu']['resnet50'] == 128
     assert cli.parse_args(parser, ['--device', 'cuda', '--batch-size', '7']).batch_size == 7
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # auto picks what the machine has
     assert cli.parse_args(parser, []).batch_size == 128
@@ -574,20 +638,25 @@ def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
     with torch.no_grad():
         out = conv(x)
         assert out.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(out, conv(x.contiguous(memory_format=torch.channels_last)), rtol=0, atol=0)
-    assert predict.eval_batch(128, torch.device('cpu')) == 256
-    assert predict.eval_batch(128, torch.device('cuda')) == 1024 and predict.eval_batch(1024, torch.device('cuda')) == 2048
+        torch.testing.assert_close(out, conv(x.contiguous(memory_format=torch.channels_last)),
+                                   rtol=0, atol=0)
+    assert models.eval_batch(128, torch.device('cpu')) == 256
+    assert models.eval_batch(128,
+                             torch.device('cuda')) == 1024 and models.eval_batch(1024, torch.device('cuda')) == 2048
 
 
 def test_without_epochs_a_time_limit_alone_ends_the_run_with_its_decay():
-    parser = argparse.ArgumentParser()
-    cli.add_train_options(parser)
-    assert cli.parse_args(parser, []).epochs == cli.DEFAULT_EPOCHS == 30
+    parser = train.build_parser()
+    assert cli.parse_args(parser, []).epochs == train.RECIPE['epochs']['resnet50'] == 30
     assert cli.parse_args(parser, ['--time-limit', '5']).epochs is None  # as many as fit
-    assert cli.parse_args(parser, ['--time-limit', '5', '--epochs', '3']).epochs == 3  # the user's bound stays
-    f = lambda t: train.lr_factor(step=7, total_steps=None, warmup_steps=None, time_fraction=t)  # noqa: E731
-    assert f(0.0) == pytest.approx(0.01) and f(0.05) == pytest.approx(0.51)  # the first tenth warms up
-    assert f(0.1) == pytest.approx(1.0) and f(0.55) == pytest.approx(0.5)  # then the cosine, on time alone
+    # the user's bound stays
+    assert cli.parse_args(parser, ['--time-limit', '5', '--epochs', '3']).epochs == 3
+    f = lambda t: train.lr_factor(step=7, total_steps=None, warmup_steps=None,
+                                  time_fraction=t)  # noqa: E731
+    # the first tenth warms up
+    assert f(0.0) == pytest.approx(0.01) and f(0.05) == pytest.approx(0.51)
+    # then the cosine, on time alone
+    assert f(0.1) == pytest.approx(1.0) and f(0.55) == pytest.approx(0.5)
     assert f(1.0) == pytest.approx(0.0, abs=1e-12) and f(1.5) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -598,15 +667,18 @@ def test_a_time_limited_run_without_epochs_uses_the_whole_budget(tiny_data, tmp_
                        '--log-every', '1000']) == 0
     metrics = read_json(out / 'metrics.json')
     history = pd.read_csv(out / 'history.csv')
-    assert metrics['stopped'] == 'time_limit' and metrics['seconds'] >= 3.0  # ran to the 3-second limit
+    # ran to the 3-second limit
+    assert metrics['stopped'] == 'time_limit' and metrics['seconds'] >= 3.0
     assert history['lr'].iloc[-1] < 0.1 * 1e-3  # and its learning rate had decayed there
 
 
-def test_compile_without_a_compiler_warns_once_and_trains_eagerly(tiny_data, tmp_path, monkeypatch, capsys):
+def test_compile_without_a_compiler_warns_once_and_trains_eagerly(tiny_data, tmp_path, monkeypatch,
+                                                                  capsys):
     """A laptop without gcc: inductor cannot build its C++ kernels. One warning line, then eager."""
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(inductor_config.cpp, 'cxx', ('/nonexistent/g++',))
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))  # nothing compiled before
+    # nothing compiled before
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
     out = tmp_path / 'run'
     assert run_train(tiny_data, out, '--epochs', '1', '--compile') == 0
     captured = capsys.readouterr()
