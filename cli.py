@@ -92,41 +92,7 @@ def add_train_options(parser, recipe, demo):
                                                             'wiki_labeled/)')
     parser.add_argument('--csv', help='clean CSV from clean_data.py (default: '
                                       'DATA/wiki_labels_clean.csv)')
-    parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
-    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a '
-                                          'state-dict FILE (default: '
-                                          f'{per_model(recipe, "weights")})')
-    parser.add_argument('--loss', choices=sorted(models.LOSSES),
-                        help='training loss; dex: 101 age classes, soft labels, the expected age '
-                             f'as prediction (default: {per_model(recipe, "loss")})')
-    parser.add_argument('--epochs', type=number(int, at_least=1),
-                        help='passes over the training rows (default: '
-                             f'{per_model(recipe, "epochs")}; with --time-limit, as many as fit: '
-                             'the limit ends the run, its learning-rate decay ending with it)')
-    parser.add_argument('--batch-size', type=number(int, at_least=1),
-                        help='images per step, over all GPUs (default: '
-                             f'{per_model(recipe, "batch_gpu")} on a GPU, '
-                             f'{per_model(recipe, "batch_cpu")} on the CPU)')
-    parser.add_argument('--lr', type=number(above=0),
-                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of '
-                             f'all layers from scratch (default: {per_model(recipe, "lr")})')
-    parser.add_argument('--backbone-lr', type=number(above=0),
-                        help='peak learning rate of a pretrained backbone (default: lr/10 with '
-                             '--weights imagenet or FILE, else lr)')
-    parser.add_argument('--weight-decay', type=number(at_least=0),
-                        help='AdamW weight decay of conv and linear weights (norm layers and '
-                             f'biases get none) (default: {per_model(recipe, "weight_decay")})')
-    parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
-                        help='decay of an exponential moving average of the weights, which is then '
-                             'what is validated and saved in best.pt (0: off)')
-    parser.add_argument('--no-tta', action='store_true',
-                        help='validate without averaging each face with its mirror image '
-                             '(predict.py has its own)')
-    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
-                        help='model input size in pixels; the images are 100x100 '
-                             f'(default: {per_model(recipe, "size")})')
-    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour '
-                                                                  'augmentation')
+    add_recipe_options(parser, recipe)
     parser.add_argument('--balance-gender', action='store_true',
                         help='oversample the rarer gender in the TRAINING part (never in '
                              'validation)')
@@ -162,6 +128,45 @@ def add_train_options(parser, recipe, demo):
     parser.add_argument('--demo', action='store_true',
                         help=f'make synthetic data in {DEMO_DIR} if absent and use the CPU-sized '
                              'demo presets (train.py DEMO)')
+
+
+def add_recipe_options(parser, recipe):
+    """The options of the recipe: the network, its loss and optimizer, input and augmentation."""
+    parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
+    parser.add_argument('--weights', help='imagenet (torch hub cache), none (from scratch) or a '
+                                          'state-dict FILE (default: '
+                                          f'{per_model(recipe, "weights")})')
+    parser.add_argument('--loss', choices=sorted(models.LOSSES),
+                        help='training loss; dex: 101 age classes, soft labels, the expected age '
+                             f'as prediction (default: {per_model(recipe, "loss")})')
+    parser.add_argument('--epochs', type=number(int, at_least=1),
+                        help='passes over the training rows (default: '
+                             f'{per_model(recipe, "epochs")}; with --time-limit, as many as fit: '
+                             'the limit ends the run, its learning-rate decay ending with it)')
+    parser.add_argument('--batch-size', type=number(int, at_least=1),
+                        help='images per step, over all GPUs (default: '
+                             f'{per_model(recipe, "batch_gpu")} on a GPU, '
+                             f'{per_model(recipe, "batch_cpu")} on the CPU)')
+    parser.add_argument('--lr', type=number(above=0),
+                        help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of '
+                             f'all layers from scratch (default: {per_model(recipe, "lr")})')
+    parser.add_argument('--backbone-lr', type=number(above=0),
+                        help='peak learning rate of a pretrained backbone (default: lr/10 with '
+                             '--weights imagenet or FILE, else lr)')
+    parser.add_argument('--weight-decay', type=number(at_least=0),
+                        help='AdamW weight decay of conv and linear weights (norm layers and '
+                             f'biases get none) (default: {per_model(recipe, "weight_decay")})')
+    parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
+                        help='decay of an exponential moving average of the weights, which is then '
+                             'what is validated and saved in best.pt (0: off)')
+    parser.add_argument('--no-tta', action='store_true',
+                        help='validate without averaging each face with its mirror image '
+                             '(predict.py has its own)')
+    parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
+                        help='model input size in pixels; the images are 100x100 '
+                             f'(default: {per_model(recipe, "size")})')
+    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour '
+                                                                  'augmentation')
 
 
 def demo_presets(parser, model, cv=False):

@@ -246,30 +246,14 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
 
 
 def report(args, combos, log):
-    missing = [os.path.join(cell_dir(args, combo, k), 'result.json')
-               for combo in combos for k in range(args.folds)
-               if not os.path.exists(os.path.join(cell_dir(args, combo, k), 'result.json'))]
-    if missing:  # a torchrun process failed, or the files went missing after the run
-        raise dataset.DataError(f'{len(missing)} run(s) have no result: '
-                                f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}; '
-                                'run the same command again to train them')
-    rows = []
-    for combo in combos:
-        for k in range(args.folds):
-            with open(os.path.join(cell_dir(args, combo, k), 'result.json')) as f:
-                r = json.load(f)
-            scores = {key: r.get(f'val_{key}', math.nan) for key in train.VAL_SCORES}
-            rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'],
-                         'fold': k,
-                         **scores, 'mean_rmse': r.get('mean_rmse', math.nan),
-                         'best_epoch': r['best_epoch'],
-                         'img_per_s': r['train_img_per_s'], 'seconds': r['seconds']})
-    results = pd.DataFrame(rows)
+    """Every run's result: results.csv, summary.csv and the table; for the best combination the
+    pooled out-of-fold predictions, its fold models, and the commands that come next."""
+    results = read_results(args, combos)
     dataset.write_csv(results, os.path.join(args.out_dir, 'results.csv'))
     summary = summarize(results)
     dataset.write_csv(summary, os.path.join(args.out_dir, 'summary.csv'))
-    with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.float_format',
-                           '{:.3f}'.format):
+    with pd.option_context('display.width', 200, 'display.max_columns', 20,
+                           'display.float_format', '{:.3f}'.format):
         log('\nsummary (mean and std over folds, best first):\n' + summary.to_string(index=False))
     if summary['rmse_mean'].isna().all():
         log('every combination diverged on some fold: no best combination (try lower learning '
@@ -277,39 +261,64 @@ def report(args, combos, log):
         return
     best_name = summary['combination'].iloc[0]
     best = next(c for c in combos if combo_name(c) == best_name)
+    overall = pool_best(args, best, results, log)
+    if not args.keep_all_models:
+        for combo in combos:
+            for k in range(args.folds):
+                path = os.path.join(cell_dir(args, combo, k), 'best.pt')
+                if combo is not best and os.path.exists(path):
+                    os.remove(path)
+    top = summary.iloc[0]
+    log(f'\nbest: {best_name}: RMSE {top["rmse_mean"]:.3f} +- {top["rmse_std"]:.3f}, R^2 '
+        f'{top["r2_mean"]:.3f}; all out-of-fold predictions pooled: RMSE {overall["rmse"]:.3f}, '
+        f'R^2 {overall["r2"]:.3f}')
+    best_args = argparse.Namespace(**{**vars(args), **best, 'out_dir': None})
+    log('reproduce the best combination:\n  ' + command_line('cv.py', best_args))
+    log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} '
+        f'--data {args.data}')
 
+
+def read_results(args, combos):
+    """A row per (combination, fold) from the runs' result.json files; all must be there."""
+    paths = [(combo, k, os.path.join(cell_dir(args, combo, k), 'result.json'))
+             for combo in combos for k in range(args.folds)]
+    missing = [path for _, _, path in paths if not os.path.exists(path)]
+    if missing:  # a torchrun process failed, or the files went missing after the run
+        more = ' ...' if len(missing) > 5 else ''
+        raise dataset.DataError(f'{len(missing)} run(s) have no result: {", ".join(missing[:5])}'
+                                f'{more}; run the same command again to train them')
+    rows = []
+    for combo, k, path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        scores = {key: r.get(f'val_{key}', math.nan) for key in train.VAL_SCORES}
+        rows.append({**{key: r[key] for key in combo}, 'combination': r['combination'], 'fold': k,
+                     **scores, 'mean_rmse': r.get('mean_rmse', math.nan),
+                     'best_epoch': r['best_epoch'], 'img_per_s': r['train_img_per_s'],
+                     'seconds': r['seconds']})
+    return pd.DataFrame(rows)
+
+
+def pool_best(args, best, results, log):
+    """The best combination's out-of-fold predictions pooled (oof_predictions.csv and the plots,
+    with the warning of a collapse) and its fold models (fold_models.csv, what predict.py takes).
+    Returns the pooled scores."""
+    name = combo_name(best)
     oof = []
     for k in range(args.folds):
         v = pd.read_csv(os.path.join(cell_dir(args, best, k), 'val_predictions.csv'))
         oof.append(v.assign(fold=k)[['ID', 'fold', 'age', 'prediction']])
     oof = pd.concat(oof).sort_values('ID')
     dataset.write_csv(oof, os.path.join(args.out_dir, 'oof_predictions.csv'))
-    overall = metrics.scores(oof['age'], oof['prediction'])
     metrics.report(args.out_dir, oof['age'], oof['prediction'],
-                   f'{args.model}, {best_name}, out-of-fold ({args.folds} folds)', log)
-
+                   f'{args.model}, {name}, out-of-fold ({args.folds} folds)', log)
     checkpoints = [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'), args.out_dir)
                    for k in range(args.folds)]
-    fold_rmse = results.loc[results['combination'] == best_name, 'rmse'].to_numpy()
-    fold_models = pd.DataFrame({'fold': range(args.folds), 'checkpoint': checkpoints,
-                                'val_rmse': fold_rmse})
-    dataset.write_csv(fold_models, os.path.join(args.out_dir, 'fold_models.csv'))
-    if not args.keep_all_models:
-        for combo in combos:
-            if combo is not best:
-                for k in range(args.folds):
-                    path = os.path.join(cell_dir(args, combo, k), 'best.pt')
-                    if os.path.exists(path):
-                        os.remove(path)
-
-    log(f'\nbest: {best_name}: RMSE {summary["rmse_mean"].iloc[0]:.3f} +- '
-        f'{summary["rmse_std"].iloc[0]:.3f}, R^2 {summary["r2_mean"].iloc[0]:.3f}; all out-of-fold '
-        f'predictions pooled: RMSE {overall["rmse"]:.3f}, R^2 {overall["r2"]:.3f}')
-    best_args = argparse.Namespace(**{**vars(args), **best, 'out_dir': None})
-    log('reproduce the best combination:\n  ' + command_line('cv.py', best_args))
-    log(f'submission from its fold models:\n  python predict.py --checkpoint {args.out_dir} --data '
-        f'{args.data}')
-
+    fold_rmse = results.loc[results['combination'] == name, 'rmse'].to_numpy()
+    dataset.write_csv(pd.DataFrame({'fold': range(args.folds), 'checkpoint': checkpoints,
+                                    'val_rmse': fold_rmse}),
+                      os.path.join(args.out_dir, 'fold_models.csv'))
+    return metrics.scores(oof['age'], oof['prediction'])
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -110,8 +110,20 @@ def datenum(date):
 def make_demo_data(root, n=1500, n_judge=300, seed=0):
     """A complete Kaggle-layout folder with drawn faces and real-world dirt at realistic rates."""
     rng = np.random.default_rng(seed)
-    label_dir = os.path.join(root, 'wiki_labeled', 'wiki_labeled')
-    judge_dir = os.path.join(root, 'wiki_judge_images', 'wiki_judge_images')
+    labelled = os.path.join(root, 'wiki_labeled', 'wiki_labeled')
+    records = write_labelled(rng, draw_people(rng, n), labelled)
+    judge, answers = write_judge(rng, n_judge, os.path.join(root, 'wiki_judge_images',
+                                                            'wiki_judge_images'))
+    write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
+    # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
+    write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
+    # Last: train.py takes a folder with wiki_labels.csv as complete.
+    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
+    return root
+
+
+def draw_people(rng, n):
+    """n photos of people: a person has one to a few, taken in different years."""
     rows, person = [], 0
     while len(rows) < n:
         person += 1
@@ -129,7 +141,11 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
             age = (datenum(datetime.date(year, 2, 1)) - datenum(birth)) / 365.25
             rows.append(dict(pid=pid, male=male, name=name, birth=birth, year=year,
                              age=max(age, 0.0)))
-    rows = rows[:n]
+    return rows[:n]
+
+
+def write_labelled(rng, rows, label_dir):
+    """The training images and their wiki_labels.csv records, with the dirt of the real files."""
     records = []
     for i, r in enumerate(rows):
         ID = 2002 + i
@@ -144,14 +160,12 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
         second = (not no_face) and rng.random() < 0.06
         gender = '' if rng.random() < 0.04 else ('1.0' if r['male'] else '0.0')
         rel = f"{r['pid'] % 100:02d}/{r['pid']}_{r['birth'].isoformat()}_{r['year']}.png"
-        img = draw_clutter(rng) if no_face else draw_face(rng,
-                                                          min(max(r['age'], AGE_RANGE[0]),
-                                                              AGE_RANGE[1]), r['male'])
+        drawn_age = min(max(r['age'], AGE_RANGE[0]), AGE_RANGE[1])
+        img = draw_clutter(rng) if no_face else draw_face(rng, drawn_age, r['male'])
         if second:  # a smaller second face in a corner
-            small = Image.fromarray(draw_face(rng, float(rng.uniform(5, 80)),
-                                              rng.random() < 0.5)).resize((40, 40))
+            small = draw_face(rng, float(rng.uniform(5, 80)), rng.random() < 0.5)
             img = img.copy()
-            img[:40, 60:] = np.asarray(small)
+            img[:40, 60:] = np.asarray(Image.fromarray(small).resize((40, 40)))
         os.makedirs(os.path.join(label_dir, rel[:2]), exist_ok=True)
         Image.fromarray(img).save(os.path.join(label_dir, rel))
         if no_face:
@@ -171,7 +185,11 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
     os.remove(os.path.join(label_dir, parse_list(missing)))
     with open(os.path.join(label_dir, parse_list(corrupt)), 'r+b') as f:
         f.truncate(200)
+    return records
 
+
+def write_judge(rng, n_judge, judge_dir):
+    """The test images: (wiki_judge.csv's rows, their hidden ages)."""
     ids = np.sort(rng.choice(np.arange(1, int(n_judge * 1.42) + 1), n_judge, replace=False))
     judge, answers = [], []
     os.makedirs(judge_dir, exist_ok=True)
@@ -184,12 +202,7 @@ def make_demo_data(root, n=1500, n_judge=300, seed=0):
         judge.append({'ID': int(ID), 'full_path': f"['{ID}.png']", 'gender': gender,
                       'face_score': score, 'second_face_score': ''})
         answers.append({'ID': int(ID), 'age': round(age, 3)})
-    write_csv(pd.DataFrame(judge), os.path.join(root, 'wiki_judge.csv'))
-    # Not part of Kaggle's layout: the hidden truth, so a demo submission can be scored.
-    write_csv(pd.DataFrame(answers), os.path.join(root, 'demo_judge_answers.csv'))
-    # Last: train.py takes a folder with wiki_labels.csv as complete.
-    write_csv(pd.DataFrame(records, columns=LABEL_COLUMNS), os.path.join(root, 'wiki_labels.csv'))
-    return root
+    return judge, answers
 
 
 def prepare(data_dir, csv, log=print):

@@ -77,8 +77,8 @@ def test_every_number_flag_is_checked_by_the_one_number_type():
     flags = list(number_flags())
     assert len(flags) > 30
     for script, _, action in flags:
-        assert getattr(action.type, 'kind', None) in (int,
-                                                      float), f'{script} {action.option_strings[-1]}'
+        flag = f'{script} {action.option_strings[-1]}'
+        assert getattr(action.type, 'kind', None) in (int, float), flag
 
 
 @pytest.mark.parametrize('script, build, action', list(number_flags()),
@@ -136,7 +136,8 @@ def test_ctrl_c_while_clean_data_decodes(tiny_data, tmp_path, monkeypatch, capsy
     try:
         code = clean_data.main(['--data', str(data)])
     except KeyboardInterrupt:
-        pytest.fail('Ctrl-C escaped clean_data.py as a KeyboardInterrupt (a traceback for the user)')
+        pytest.fail('Ctrl-C escaped clean_data.py as a KeyboardInterrupt (a traceback for the '
+                    'user)')
     assert code == 130
     assert one_error_line(capsys.readouterr().err) == 'error: interrupted'
     assert not [f for f in os.listdir(data) if f.startswith('wiki_labels_clean')]
@@ -234,7 +235,9 @@ def test_an_empty_image_folder_is_an_error_that_says_where_it_looked(tiny_data, 
     out = tmp_path / 'clean.csv'
     assert clean_data.main(['--data', str(data), '--out', str(out)]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert 'no usable rows' in line and str(data / 'wiki_labeled') in line and 'image missing' in line
+    assert 'no usable rows' in line
+    assert str(data / 'wiki_labeled') in line
+    assert 'image missing' in line
     assert not out.exists()
 
 
@@ -304,7 +307,9 @@ def test_training_filters_that_leave_nothing_name_themselves(tiny_data, tmp_path
     assert train.main(['--data', tiny_data, '--out-dir', str(run), *FAST, '--train-min-age',
                        '200']) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert 'pass the training filters' in line and 'age outside 200..inf' in line and '--train-min-age' in line
+    assert 'pass the training filters' in line
+    assert 'age outside 200..inf' in line
+    assert '--train-min-age' in line
     assert not run.exists()
     out = tmp_path / 'cv'
     assert cv.main(['--data', tiny_data, *FAST, '--folds', '2', '--train-min-age', '200',
@@ -386,7 +391,8 @@ def test_a_failed_cv_run_leaves_nothing_and_the_corrected_command_runs(tiny_data
     out = tmp_path / 'cv'
     assert cv.main(['--data', tiny_data, *FAST, '--limit', '20', '--folds', '50', '--out-dir',
                     str(out)]) == 1
-    assert '50 folds but only 19 people; use fewer --folds' in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert '50 folds but only 19 people; use fewer --folds' in line
     assert not out.exists()
     assert cv.main(['--data', tiny_data, *FAST, '--csv', str(tmp_path / 'nope.csv'), '--folds', '2',
                     '--out-dir', str(out)]) == 1
@@ -465,4 +471,5 @@ def test_an_error_message_is_printed_as_one_line(capsys):
     """pandas' and torch's messages can carry newlines: what reaches stderr is one line."""
     cli.error(dataset.DataError('x.csv: cannot parse as CSV (Error tokenizing data.\nC error: '
                                 'Expected 11 fields)'))
-    assert capsys.readouterr().err == 'error: x.csv: cannot parse as CSV (Error tokenizing data. C error: Expected 11 fields)\n'
+    assert capsys.readouterr().err == ('error: x.csv: cannot parse as CSV (Error tokenizing data. '
+                                       'C error: Expected 11 fields)\n')

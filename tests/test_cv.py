@@ -24,8 +24,8 @@ def test_grid_expands_every_combination_with_types():
     parser = cv.build_parser()
     combos = cv.parse_grid(parser, ['lr=1e-3,3e-4', 'loss=mse,smoothl1', 'no-augment=true,false'])
     assert len(combos) == 8
-    assert {c['lr'] for c in combos} == {1e-3,
-                                         3e-4} and all(isinstance(c['lr'], float) for c in combos)
+    assert {c['lr'] for c in combos} == {1e-3, 3e-4}
+    assert all(isinstance(c['lr'], float) for c in combos)
     assert {c['loss'] for c in combos} == {'mse', 'smoothl1'}
     assert {c['no_augment'] for c in combos} == {True, False}
     assert len({cv.combo_name(c) for c in combos}) == 8  # one folder each
@@ -80,7 +80,8 @@ def test_cv_writes_folds_results_summary_and_oof(cv_run, tiny_data):
     test_like = clean[np.isfinite(clean['face_score'])]['ID']
     # every test-like row predicted once, by the fold that held it out
     assert sorted(oof['ID']) == sorted(test_like)
-    assert (oof.set_index('ID')['fold'] == folds.set_index('ID')['fold'].loc[oof['ID']].to_numpy()).all()
+    assigned = folds.set_index('ID')['fold'].loc[oof['ID']].to_numpy()
+    assert (oof.set_index('ID')['fold'] == assigned).all()
     best = summary['combination'][0]
     best_rows = results[results['combination'] == best]
     assert summary['rmse_mean'][0] == pytest.approx(best_rows['rmse'].mean())
@@ -149,12 +150,14 @@ def test_resume_continues_an_interrupted_cell_from_its_last_checkpoint(tiny_data
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count('done before, skipped') == 1
-    assert 'resumed at epoch 2 step 2' in again.stdout or 'resumed at epoch 2 step 3' in again.stdout
+    assert ('resumed at epoch 2 step 2' in again.stdout
+            or 'resumed at epoch 2 step 3' in again.stdout)
     straight = pd.read_csv(tmp_path / 'straight' / 'results.csv')
     cut = pd.read_csv(tmp_path / 'cut' / 'results.csv')
     for col in ('rmse', 'mae', 'r2', 'best_epoch'):
         np.testing.assert_array_equal(cut[col], straight[col])
-    history = {name: pd.read_csv(tmp_path / name / 'cells' / 'base' / 'fold1' / 'history.csv') for name in ('straight', 'cut')}
+    history = {name: pd.read_csv(tmp_path / name / 'cells' / 'base' / 'fold1' / 'history.csv')
+               for name in ('straight', 'cut')}
     np.testing.assert_array_equal(history['cut']['val_rmse'], history['straight']['val_rmse'])
 
 
@@ -194,7 +197,8 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
         train_mean = rows['age'][trainable & (rows['age'] <= 25)].mean()
         assert r['mean_rmse'] == pytest.approx(np.sqrt(np.mean((val_ages - train_mean) ** 2)))
     summary = pd.read_csv(os.path.join(out, 'summary.csv'))
-    assert summary['mean_rmse_mean'][0] == pytest.approx(pd.read_csv(os.path.join(out, 'results.csv'))['mean_rmse'].mean())
+    results = pd.read_csv(os.path.join(out, 'results.csv'))
+    assert summary['mean_rmse_mean'][0] == pytest.approx(results['mean_rmse'].mean())
 
 
 def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monkeypatch):
@@ -210,5 +214,5 @@ def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monk
     summary = pd.read_csv(os.path.join(out, 'summary.csv'))
     assert list(summary['combination']) == ['loss=smoothl1', 'loss=mse']
     assert list(summary['diverged']) == [0, 2] and np.isnan(summary['rmse_mean'][1])
-    assert pd.read_csv(os.path.join(out,
-                                    'fold_models.csv'))['checkpoint'].str.contains('smoothl1').all()
+    fold_models = pd.read_csv(os.path.join(out, 'fold_models.csv'))
+    assert fold_models['checkpoint'].str.contains('smoothl1').all()

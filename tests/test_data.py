@@ -206,9 +206,9 @@ def save_png(path, array):
 def make_kaggle_folder(root, flat=False):
     """One row per cleaning rule, plus three good rows (one with NaN gender and no name, one an
     RGB 120x90 image that must be converted and kept). Returns {ID: relative path}."""
-    images = os.path.join(root,
-                          'wiki_labeled') if flat else os.path.join(root, 'wiki_labeled',
-                                                                    'wiki_labeled')
+    images = os.path.join(root, 'wiki_labeled')
+    if not flat:
+        images = os.path.join(images, 'wiki_labeled')
     rows, rel = [], {}
 
     def add(ID, file, **fields):
@@ -266,7 +266,8 @@ def test_clean_data_each_rule(tmp_path, capsys, monkeypatch, flat):
     assert clean['ID'].tolist() == [2002, 2003, 2004]
     assert clean['path'].tolist() == [rel[2002], rel[2003], rel[2004]]
     assert math.isnan(clean['gender'].iat[1])  # unknown gender is a valid age sample
-    assert clean['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548', 'name:Sami Jauhojärvi']
+    assert clean['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548',
+                                        'name:Sami Jauhojärvi']
     np.testing.assert_allclose(clean['age'], [28.4, 31.9, 40.1])
 
     table = report_table(printed)
@@ -301,12 +302,15 @@ def test_clean_data_by_default_removes_only_the_unusable(tmp_path, capsys):
                                            'age outside 1..100']
     clean = dataset.read_clean(str(out))
     assert {2002, 2003, 2004} < set(clean['ID'])  # the strict cleaning's rows, and more
-    assert (~np.isfinite(clean['face_score']) | (clean['face_score'] < 1) | clean['second_face_score'].notna()).any()
+    face = clean['face_score']
+    assert (~np.isfinite(face) | (face < 1) | clean['second_face_score'].notna()).any()
     assert clean['age'].between(1, 100).all()
     like, old = clean_data.test_like(clean), clean_data.clean_only(clean)
-    assert np.isfinite(clean['face_score'][like]).all() and not np.isfinite(clean['face_score'][~like]).any()
+    assert np.isfinite(clean['face_score'][like]).all()
+    assert not np.isfinite(clean['face_score'][~like]).any()
     assert (old <= like).all() and old.sum() == 3
-    assert f'test-like rows (a face found, which validation scores): {like.sum()}; of those with face score >= 1 ' \
+    assert f'test-like rows (a face found, which validation scores): {like.sum()}; of those with ' \
+           f'face score >= 1 ' \
            f'and no second face (the old cleaning): 3' in printed
 
 
@@ -385,8 +389,8 @@ def test_decode_rgb_converted_to_luma(tmp_path):
 
 def test_decode_16bit_scaled_to_8bit(tmp_path):
     """A 16-bit grey PNG holds 0..65535: the face must survive as v/257, not be clipped to white."""
-    v16 = (np.arange(100 * 100, dtype=np.int64).reshape(100,
-                                                        100) * 65535 // (100 * 100 - 1)).astype(np.uint16)
+    ramp = np.arange(100 * 100, dtype=np.int64).reshape(100, 100)
+    v16 = (ramp * 65535 // (100 * 100 - 1)).astype(np.uint16)
     Image.fromarray(v16).save(tmp_path / 'deep.png')
     assert Image.open(tmp_path / 'deep.png').mode.startswith('I')  # really a 16-bit file
     out, problem = dataset.decode_image(str(tmp_path / 'deep.png'))

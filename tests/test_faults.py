@@ -69,7 +69,8 @@ def test_resume_from_a_damaged_last_pt(tiny_data, tmp_path, capsys):
     run.mkdir()
     (run / 'last.pt').write_bytes(b'PK\x03\x04 cut short')
     assert train.main(['--resume', str(run)]) == 1
-    assert f'--resume {run}: {run / "last.pt"} cannot be resumed from' in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert f'--resume {run}: {run / "last.pt"} cannot be resumed from' in line
 
 
 def test_weights_file_of_another_architecture(tiny_data, tmp_path, capsys):
@@ -102,7 +103,7 @@ def test_predict_non_integer_id_in_sample_submission(tiny_data, trained, tmp_pat
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns('wiki_labeled'))
     ids = list(pd.read_csv(data / 'wiki_judge.csv')['ID'])
-    (data / 'sample_submission.csv').write_text('ID,age\n' + f'{ids[0]},0\n' + '12.5,0\n' + f'{ids[1]},0\n')
+    (data / 'sample_submission.csv').write_text(f'ID,age\n{ids[0]},0\n12.5,0\n{ids[1]},0\n')
     out = tmp_path / 'sub.csv'
     assert predict.main(['--checkpoint', trained, '--data', str(data), '--out', str(out),
                          '--device', 'cpu']) == 1
@@ -131,7 +132,8 @@ def test_predict_out_of_memory_suggests_a_batch_size(tiny_data, trained, tmp_pat
     assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(out),
                          '--device', 'cpu',
                          '--batch-size', '64']) == 1
-    assert 'out of GPU memory at --batch-size 64; try --batch-size 32' in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert 'out of GPU memory at --batch-size 64; try --batch-size 32' in line
     assert not out.exists()
 
 
@@ -157,7 +159,8 @@ def test_damaged_image_cache_is_rebuilt(tmp_path, damage):
     again, ok = dataset.load_images(csv, table, str(root), log=lines.append)
     np.testing.assert_array_equal(again, first)
     assert ok.all()
-    assert any(line.startswith('warning: the image cache') and 'decoding the images again' in line for line in lines)
+    assert any(line.startswith('warning: the image cache') and 'decoding the images again' in line
+               for line in lines)
     third, _ = dataset.load_images(csv, table, str(root), log=lambda *a: pytest.fail('decoded a '
                                                                                      'third time'))
     np.testing.assert_array_equal(third, first)  # the rebuilt cache is good again

@@ -88,7 +88,8 @@ def test_unknown_model_and_cnn_imagenet():
 def test_imagenet_weights_from_hub_cache(tmp_path):
     cache = models.imagenet_cache_file()
     assert cache.startswith(str(tmp_path / 'torch_home') + os.sep)
-    assert os.path.basename(cache) == os.path.basename(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
+    assert os.path.basename(cache) == os.path.basename(url)
     reference = random_resnet50(seed=123)
     os.makedirs(os.path.dirname(cache))
     torch.save(reference.state_dict(), cache)
@@ -213,7 +214,8 @@ def test_crafted_weights_file_refused(tmp_path):
             with pytest.raises(models.WeightsError) as info:
                 models.build_model(model, str(path))
             assert str(path) in str(info.value) and 'refused' in str(info.value)
-            assert not marker.exists(), f'{path.name} ran code while loading as --weights for {model}'
+            ran = f'{path.name} ran code while loading as --weights for {model}'
+            assert not marker.exists(), ran
 
 
 def test_load_checkpoint_refuses_crafted_file(tmp_path):

@@ -44,7 +44,8 @@ def test_exif_rotated_colour_jpeg_predicts_like_the_upright_face(trained, tmp_pa
     out = tmp_path / 'pred.csv'
     assert run_images(trained, [tmp_path / 'upright.jpg', tmp_path / 'sideways.jpg'], out) == 0
     ages = pd.read_csv(out).set_index('path')['age']
-    assert ages[str(tmp_path / 'sideways.jpg')] == pytest.approx(ages[str(tmp_path / 'upright.jpg')], abs=0.3)
+    upright = ages[str(tmp_path / 'upright.jpg')]
+    assert ages[str(tmp_path / 'sideways.jpg')] == pytest.approx(upright, abs=0.3)
 
 
 def test_non_square_image_is_its_centre_square(trained, tmp_path):
@@ -79,15 +80,16 @@ def test_folder_walk_odd_files_and_the_table(trained, tmp_path, capsys):
     table = pd.read_csv(out)
     readable = [folder / 'a' / 'b' / 'x16.png', folder / 'a' / 'tiny.png', folder / 'a' / 'y.webp',
                 folder / 'z.png']
-    assert list(table.columns) == ['path',
-                                   'age'] and list(table['path']) == list(map(str, readable))
+    assert list(table.columns) == ['path', 'age']
+    assert list(table['path']) == list(map(str, readable))
     assert table['age'].between(1, 100).all()
-    printed = [line.split()[0] for line in captured.out.splitlines() if line.startswith(str(folder))]
+    printed = [line.split()[0] for line in captured.out.splitlines()
+               if line.startswith(str(folder))]
     assert printed == sorted(map(str,
                                  readable + [folder / 'a' / 'empty.jpg',
                                              folder / 'a' / 'notes.txt']))
-    assert re.search(r'empty\.jpg +unreadable',
-                     captured.out) and re.search(r'notes\.txt +unreadable', captured.out)
+    assert re.search(r'empty\.jpg +unreadable', captured.out)
+    assert re.search(r'notes\.txt +unreadable', captured.out)
     assert 'warning: 2 file(s) could not be read as images and are not in the CSV' in captured.err
     x16, _ = dataset.decode_image(str(folder / 'a' / 'b' / 'x16.png'), photo=True)
     np.testing.assert_array_equal(x16, face(seed=4))  # 16 bits scaled, not clipped
@@ -100,7 +102,8 @@ def test_uncropped_photos_get_a_hint(trained, tmp_path, capsys):
     assert run_images(trained, [tmp_path], tmp_path / 'pred.csv') == 0
     out = capsys.readouterr().out
     hints = out.split('hint:')[1]
-    assert 'tall.png is 300x600, far from square' in hints and 'big.png is 800x800, far larger' in hints
+    assert 'tall.png is 300x600, far from square' in hints
+    assert 'big.png is 800x800, far larger' in hints
     assert 'good.png' not in hints
 
 
@@ -111,8 +114,8 @@ def test_labels_scores_like_numpy_and_counts_the_missing(trained, tmp_path, caps
     for i, name in enumerate(ages):
         Image.fromarray(face(age=ages[name], seed=i)).save(folder / name)
     # Names relative to the folder, and one file that is not there.
-    pd.DataFrame({'file': [*ages, 'gone.png'],
-                  'age': [*ages.values(), 44.0]}).to_csv(folder / 'labels.csv', index=False)
+    labels = pd.DataFrame({'file': [*ages, 'gone.png'], 'age': [*ages.values(), 44.0]})
+    labels.to_csv(folder / 'labels.csv', index=False)
     out = tmp_path / 'pred.csv'
     assert run_images(trained, [folder], out, '--labels', str(folder / 'labels.csv')) == 0
     text = capsys.readouterr().out
@@ -124,18 +127,21 @@ def test_labels_scores_like_numpy_and_counts_the_missing(trained, tmp_path, caps
     err = merged['age_pred'] - merged['age']
     rmse, mae = np.sqrt(np.mean(err ** 2)), np.mean(np.abs(err))
     r2 = 1 - np.sum(err ** 2) / np.sum((merged['age'] - merged['age'].mean()) ** 2)
-    assert '5 of 6 labelled image(s) found and predicted, 1 missed (not found or unreadable: gone.png)' in text
+    assert ('5 of 6 labelled image(s) found and predicted, 1 missed (not found or unreadable: '
+            'gone.png)') in text
     assert f'RMSE {rmse:.3f}  MAE {mae:.3f}  R^2 {r2:.3f}  (n=5)' in text
     assert '0-9 ' in text and '70-79 ' in text
-    assert os.path.getsize(tmp_path / 'pred_vs_actual.png') > 1000 and os.path.getsize(tmp_path / 'pred_by_decade.png') > 1000
+    assert os.path.getsize(tmp_path / 'pred_vs_actual.png') > 1000
+    assert os.path.getsize(tmp_path / 'pred_by_decade.png') > 1000
     # Absolute names work too.
-    pd.DataFrame({'file': [str(folder / 'f2.png')],
-                  'age': [51.0]}).to_csv(tmp_path / 'abs.csv', index=False)
+    labels = pd.DataFrame({'file': [str(folder / 'f2.png')], 'age': [51.0]})
+    labels.to_csv(tmp_path / 'abs.csv', index=False)
     assert run_images(trained, [folder], out, '--labels', str(tmp_path / 'abs.csv')) == 0
     assert '1 of 1 labelled image(s) found' in capsys.readouterr().out
 
 
-def test_images_on_the_demo_judge_files_score_like_the_kaggle_submission(tiny_data, trained, tmp_path, capsys):
+def test_images_on_the_demo_judge_files_score_like_the_kaggle_submission(tiny_data, trained,
+                                                                         tmp_path, capsys):
     """The demo's test images as plain files with its hidden answers as labels give the RMSE of the
     Kaggle-layout submission scored against the same answers."""
     sub = tmp_path / 'submission.csv'
@@ -186,7 +192,8 @@ def test_train_run_has_the_error_by_decade(trained):
 def test_collapse_warning_for_one_age_for_everyone_only():
     rng = np.random.default_rng(0)
     age = rng.uniform(5, 90, 500)
-    assert 'collapsed towards the mean age 36.0' in metrics.collapse_warning(age, np.full(500, 36.0))
+    warning = metrics.collapse_warning(age, np.full(500, 36.0))
+    assert 'collapsed towards the mean age 36.0' in warning
     assert 'collapsed' in metrics.collapse_warning(age, age.mean() + (age - age.mean()) * 0.2)
     assert metrics.collapse_warning(age, age + rng.normal(0, 8, 500)) is None
     assert metrics.collapse_warning(age, age.mean() + (age - age.mean()) * 0.5) is None
@@ -222,7 +229,8 @@ def test_rmse_by_decade_names_and_numbers():
     assert by_decade['90+'] == {'rmse': pytest.approx(np.sqrt((225 + 100) / 2)), 'n': 2}
 
 
-def test_a_submission_is_scored_by_its_answers_and_a_collapse_is_warned(tiny_data, trained, tmp_path, monkeypatch,
+def test_a_submission_is_scored_by_its_answers_and_a_collapse_is_warned(tiny_data, trained,
+                                                                        tmp_path, monkeypatch,
                                                                         capsys):
     """--data with --labels ID,age (the demo's hidden answers) scores the submission it writes, as
     numpy does from the two CSVs; a model that predicts one age for everyone is warned of."""

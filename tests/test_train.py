@@ -59,7 +59,8 @@ def test_start_here_one_epoch_on_a_few_demo_faces(tiny_data, tmp_path):
     scores = read_json(out / 'metrics.json')
     val = pd.read_csv(out / 'val_predictions.csv')
     assert scores['n_val'] == len(val) > 0 and scores['epochs_run'] == 1
-    assert scores['val_rmse'] == pytest.approx(np.sqrt(np.mean((val['prediction'] - val['age']) ** 2)), rel=1e-4)
+    rmse = np.sqrt(np.mean((val['prediction'] - val['age']) ** 2))
+    assert scores['val_rmse'] == pytest.approx(rmse, rel=1e-4)
     model, ckpt = predict.load_model(str(out / 'best.pt'), torch.device('cpu'))
     assert (ckpt['model_name'], ckpt['size']) == ('cnn', 32)
 
@@ -72,8 +73,8 @@ def test_train_writes_the_run_directory(trained):
     assert metrics['stopped'] == 'completed' and metrics['epochs_run'] == 2
     history = pd.read_csv(os.path.join(trained, 'history.csv'))
     assert list(history['epoch']) == [1, 2]
-    assert history.loc[metrics['best_epoch'] - 1,
-                       'val_rmse'] == pytest.approx(metrics['val_rmse'], rel=1e-9)
+    best = history.loc[metrics['best_epoch'] - 1, 'val_rmse']
+    assert best == pytest.approx(metrics['val_rmse'], rel=1e-9)
     val = pd.read_csv(os.path.join(trained, 'val_predictions.csv'))
     rmse = np.sqrt(np.mean((val['prediction'] - val['age']) ** 2))
     assert rmse == pytest.approx(metrics['val_rmse'], rel=1e-5)
@@ -120,8 +121,8 @@ def test_validation_in_train_equals_predict(tiny_data, trained, tmp_path, model)
     assert len(merged) == len(val) and merged['prediction'].std() > 0.01
     # 4 decimals in the CSV
     np.testing.assert_allclose(merged['age_y'], merged['prediction'], atol=1e-3)
-    assert torch.load(os.path.join(trained, 'best.pt'),
-                      weights_only=True)['channels'] == (3 if model == 'resnet50' else 1)
+    channels = torch.load(os.path.join(trained, 'best.pt'), weights_only=True)['channels']
+    assert channels == (3 if model == 'resnet50' else 1)
 
 
 def test_missing_and_unreadable_judge_images_keep_their_rows(tiny_data, trained, tmp_path, capsys):
@@ -157,8 +158,8 @@ def test_sample_submission_decides_the_ids(tiny_data, trained, tmp_path):
 
 def test_same_seed_same_metrics(tiny_data, trained, tmp_path):
     assert run_train(tiny_data, tmp_path / 'again') == 0
-    first, second = read_json(os.path.join(trained,
-                                           'metrics.json')), read_json(tmp_path / 'again' / 'metrics.json')
+    first = read_json(os.path.join(trained, 'metrics.json'))
+    second = read_json(tmp_path / 'again' / 'metrics.json')
     assert first['val_rmse'] == second['val_rmse'] and first['val_r2'] == second['val_r2']
 
 
@@ -215,7 +216,8 @@ def test_data_folder_without_the_files_says_what_it_looked_for(tmp_path, capsys)
     assert 'wiki_labels.csv' in err and 'wiki_labeled/wiki_labeled/ or wiki_labeled/' in err
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_data, tmp_path,
+                                                                          monkeypatch, capsys):
     calls = {'n': 0}
 
     class PoisonedMSE(torch.nn.MSELoss):
@@ -232,7 +234,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_good_checkpoint(tiny_d
     steps = int(captured.out.split(' steps/epoch')[0].rsplit('(', 1)[1])
     assert f'NaN/inf at epoch {1 + 8 // steps} step {8 % steps + 1};' in captured.err
     best = torch.load(out / 'best.pt', weights_only=True)
-    assert best['epoch'] == 1 and all(torch.isfinite(v).all() for v in best['model'].values() if v.is_floating_point())
+    assert best['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in best['model'].values() if v.is_floating_point())
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
@@ -260,7 +263,8 @@ def test_training_only_filters_leave_validation_alone(tiny_data, trained, tmp_pa
     assert list(ids) == list(pd.read_csv(os.path.join(trained, 'val_predictions.csv'))['ID'])
 
 
-def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_data, trained, tmp_path):
+def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_data, trained,
+                                                                           tmp_path):
     """Validation: every row of its fold where a face was found, weak faces and second faces
     included (as in the Kaggle test set); the old clean rows are scored apart. Training: by
     default face score >= 1 and no second face; --train-* change that, never validation."""
@@ -273,7 +277,8 @@ def test_validation_scores_test_like_rows_and_training_follows_its_filters(tiny_
     metrics = read_json(os.path.join(trained, 'metrics.json'))
     assert metrics['n_val'] == len(val) and metrics['n_val_clean'] == int((~weak_or_second).sum())
     ok = val[~weak_or_second.to_numpy()]
-    assert metrics['val_rmse_clean'] == pytest.approx(np.sqrt(np.mean((ok['prediction'] - ok['age']) ** 2)), rel=1e-4)
+    rmse = np.sqrt(np.mean((ok['prediction'] - ok['age']) ** 2))
+    assert metrics['val_rmse_clean'] == pytest.approx(rmse, rel=1e-4)
     assert run_train(tiny_data, tmp_path / 'all', '--train-min-face-score=-inf',
                      '--train-keep-second-face') == 0
     wide = read_json(tmp_path / 'all' / 'metrics.json')
@@ -346,8 +351,8 @@ def test_under_a_time_limit_the_schedule_follows_the_larger_fraction():
     # ahead in steps: the step counts
     assert f(60, 0.30) == pytest.approx(train.lr_factor(60, 100, 10))
     assert f(3, 0.05) == pytest.approx((5 + 1) / 10)  # the warm-up runs on time too
-    assert f(20, 1.0) == pytest.approx(0.0, abs=1e-12) and f(20,
-                                                             1.7) == pytest.approx(0.0, abs=1e-12)
+    assert f(20, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert f(20, 1.7) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_time_limited_run_decays_to_zero_at_the_limit(tiny_data, tmp_path):
@@ -369,7 +374,8 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
     optimizer, _ = models.build_optimizer(model, args.lr, train.backbone_lr(args),
                                           args.weight_decay,
                                           torch.device('cpu'))
-    decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05 for p in g['params']}
+    decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05
+             for p in g['params']}
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             if isinstance(module, (torch.nn.BatchNorm2d,)) or p.dim() == 1:
@@ -445,7 +451,9 @@ def test_val_frac_zero_trains_on_every_row_and_predicts(tiny_data, tmp_path, cap
     clean = pd.read_csv(os.path.join(tiny_data, 'wiki_labels_clean.csv'))
     # the default training filters
     trainable = (clean['face_score'] >= 1) & clean['second_face_score'].isna()
-    assert metrics['n_train'] == trainable.sum() and metrics['n_val'] == 0 and metrics['epochs_run'] == 2
+    assert metrics['n_train'] == trainable.sum()
+    assert metrics['n_val'] == 0
+    assert metrics['epochs_run'] == 2
     assert 'trained on all' in capsys.readouterr().out
     assert torch.load(out / 'best.pt', weights_only=True)['epoch'] == 2  # the last epoch's model
     sub = tmp_path / 'sub.csv'
@@ -465,7 +473,9 @@ def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, t
     out = tmp_path / 'run'
     assert run_train(tiny_data, out, '--epochs', '10', '--patience', '2') == 0
     metrics = read_json(out / 'metrics.json')
-    assert metrics['stopped'] == 'early_stop' and metrics['epochs_run'] == 3 and metrics['best_epoch'] == 1
+    assert metrics['stopped'] == 'early_stop'
+    assert metrics['epochs_run'] == 3
+    assert metrics['best_epoch'] == 1
     assert list(pd.read_csv(out / 'history.csv')['val_rmse']) == [10.0, 11.0, 12.0]
 
 
@@ -511,7 +521,8 @@ def test_sigint_mid_epoch_then_resume_gives_the_same_metrics(tiny_data, tmp_path
     cut = pd.read_csv(tmp_path / 'cut' / 'history.csv')
     cols = ['val_rmse', 'val_mae', 'val_r2']
     np.testing.assert_array_equal(straight[cols].to_numpy(), cut[cols].to_numpy())
-    assert read_json(tmp_path / 'straight' / 'metrics.json')['val_rmse'] == read_json(tmp_path / 'cut' / 'metrics.json')['val_rmse']
+    straight = read_json(tmp_path / 'straight' / 'metrics.json')['val_rmse']
+    assert straight == read_json(tmp_path / 'cut' / 'metrics.json')['val_rmse']
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tiny_data, tmp_path, interrupt):
@@ -592,8 +603,8 @@ sys.exit(train.main())
                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count('done: val RMSE') == 1  # only rank 0 logs
-    results = {line.split()[1]: line.split(' ',
-                                           2)[2] for line in proc.stdout.splitlines() if line.startswith('RESULT')}
+    results = {line.split()[1]: line.split(' ', 2)[2] for line in proc.stdout.splitlines()
+               if line.startswith('RESULT')}
     assert set(results) == {'0', '1'} and results['0'] == results['1']
     metrics = read_json(out / 'metrics.json')
     assert metrics['world_size'] == 2 and np.isfinite(metrics['val_rmse'])
@@ -613,12 +624,9 @@ def test_torchrun_cv_spreads_the_folds_over_two_processes(tiny_data, tmp_path):
 
 def test_batch_size_default_follows_the_device_and_the_flag_wins(monkeypatch):
     parser = train.build_parser()
-    assert cli.parse_args(parser,
-                          ['--device',
-                           'cpu']).batch_size == train.RECIPE['batch_cpu']['resnet50'] == 32
-    assert cli.parse_args(parser,
-                          ['--device',
-                           'cuda']).batch_size == train.RECIPE['batch_gpu']['resnet50'] == 128
+    cpu, gpu = train.RECIPE['batch_cpu']['resnet50'], train.RECIPE['batch_gpu']['resnet50']
+    assert cli.parse_args(parser, ['--device', 'cpu']).batch_size == cpu == 32
+    assert cli.parse_args(parser, ['--device', 'cuda']).batch_size == gpu == 128
     assert cli.parse_args(parser, ['--device', 'cuda', '--batch-size', '7']).batch_size == 7
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # auto picks what the machine has
     assert cli.parse_args(parser, []).batch_size == 128
@@ -632,7 +640,8 @@ def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
     convolutions channels-last too, with the same numbers as a channels-last input."""
     model = models.place(models.build_model('resnet50', 'none'), torch.device('cpu')).eval()
     conv = model.backbone.conv1
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
     x = dataset.to_model_input(torch.randint(0, 256, (4, 40, 40), dtype=torch.uint8), 32, 3)
     assert x.shape == (4, 3, 32, 32) and x.is_contiguous()
     with torch.no_grad():
@@ -641,8 +650,8 @@ def test_channels_last_on_the_cpu_and_a_large_evaluation_batch_on_cuda():
         torch.testing.assert_close(out, conv(x.contiguous(memory_format=torch.channels_last)),
                                    rtol=0, atol=0)
     assert models.eval_batch(128, torch.device('cpu')) == 256
-    assert models.eval_batch(128,
-                             torch.device('cuda')) == 1024 and models.eval_batch(1024, torch.device('cuda')) == 2048
+    assert models.eval_batch(128, torch.device('cuda')) == 1024
+    assert models.eval_batch(1024, torch.device('cuda')) == 2048
 
 
 def test_without_epochs_a_time_limit_alone_ends_the_run_with_its_decay():
