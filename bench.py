@@ -5,29 +5,34 @@
     python bench.py --model resnet50 --json runs/bench-r50.json     # GPU: also MFU, peak memory
     python bench.py --data data/wiki --model resnet50               # the first --n real faces
     python bench.py --model cnn --size 32 --batch-size 8 --device cpu --quick   # smoke test
+    python bench.py --model cnn --size 48 --batch-size 32 --device cpu --side-by-side
 
 The rows of the table it prints:
   pipeline (ours)   the uint8 images on the device; a batch gathered at random indices, then
                     dataset.to_model_input: crop, flip, rotation, brightness/contrast per image,
                     one grid_sample for the whole batch. The ratio column is ours / naive.
   pipeline (naive)  the usual per-image way: a Dataset that opens each PNG with PIL and applies
-                    torchvision transforms, a DataLoader with --workers processes, batches to the
-                    device.
-  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's speed
-  limit,
-                    eager; with --compile also compiled (ratio: compiled / eager), with its first
-                    step's time, which holds the compiling.
+                    torchvision transforms, a DataLoader with --workers processes, batches to
+                    the device.
+  train step        forward, loss, backward and AdamW step on ONE fixed batch: the model's
+                    speed limit, eager; with --compile also compiled (ratio: compiled / eager),
+                    with its first step's time, which holds the compiling.
   train loop        train.fit itself (augmentation on; validation is not timed; compiled with
                     --compile). Ratio: loop / eager step, near 1 when the loop adds nothing.
-  predict           models.predict_ages, the evaluation path of train.py, cv.py and predict.py (no
-  flip).
+  predict           models.predict_ages, the evaluation path of train.py, cv.py and predict.py
+                    (no flip).
 On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of
-the loop. """
+the loop. --side-by-side times only the train step and the loop, twice: in one process with a
+thread per core, and in one one-thread process per core at once (how cv.py runs its folds on a
+CPU); it prints the images per second of each and of all together.
+"""
 import argparse
 import dataclasses
 import math
 import os
+import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -290,14 +295,13 @@ def build_parser():
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
                         default=100,
                         help='model input size in pixels')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128, help='images '
-                                                                                        'per step')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128,
+                        help='images per step')
     cli.add_device(parser)
     parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: '
                                        'synthetic faces')
-    parser.add_argument('--n', type=number(int, at_least=2), default=2000, help='images to use '
-                                                                                '(the first N rows '
-                                                                                'of --data)')
+    parser.add_argument('--n', type=number(int, at_least=2), default=2000,
+                        help='images to use (the first N rows of --data)')
     parser.add_argument('--workers', type=number(int, at_least=0),
                         default=min(4, os.cpu_count() or 1),
                         help='DataLoader processes of the naive pipeline')
@@ -308,27 +312,29 @@ def build_parser():
                              'the pace)')
     parser.add_argument('--steps', type=number(int, at_least=1),
                         help='timed train steps, bare and in the loop (default: fill --seconds)')
-    parser.add_argument('--min-steps', type=number(int, at_least=1), default=5, help='timed bare '
-                                                                                     'train steps '
-                                                                                     'at least')
+    parser.add_argument('--min-steps', type=number(int, at_least=1), default=5,
+                        help='timed bare train steps at least')
     parser.add_argument('--min-loop-steps', type=number(int, at_least=1), default=10,
                         help='steps of the timed train.fit at least')
     # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4
     # sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
-    parser.add_argument('--peak-tflops', type=number(above=0), default=989.0, help='the GPU\'s '
-                                                                                   'dense bf16 '
-                                                                                   'peak, for MFU')
+    parser.add_argument('--peak-tflops', type=number(above=0), default=989.0,
+                        help='the GPU\'s dense bf16 peak, for MFU')
     cli.add_compile(parser, help='torch.compile the train step and loop\'s model, as train.py '
                                  '--compile [MODE]')
     parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
                         help='the loop keeps a moving average, as train.py --ema')
-    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the '
-                                                                                'faces, batches '
-                                                                                'and weights')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0,
+                        help='seed of the faces, batches and weights')
     parser.add_argument('--json', metavar='FILE', help='also write the figures here')
-    parser.add_argument('--quick', action='store_true', help='smoke test: 64 images, short '
-                                                             'measurements')
+    parser.add_argument('--side-by-side', action='store_true',
+                        help='time the train step and loop in one process with a thread per core, '
+                             'then in one one-thread process per core at once')
+    parser.add_argument('--training-only', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--start-with', help=argparse.SUPPRESS)  # a file --side-by-side makes
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke test: 64 images, short measurements')
     return parser
 
 
@@ -381,6 +387,71 @@ def measure_all(args, train_args, device, log):
     return timed, flops, loop_steps, loop_speed, peak_gb, len(images)
 
 
+def measure_training(args, train_args, device, log):
+    """--training-only, what each process of --side-by-side runs: the bare train step and the
+    train loop, the faces read from --data (made once by the parent)."""
+    channels = models.INPUT_CHANNELS[args.model]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, table, images_np = load_faces(args, tmp, log)
+        images = dataset.place_images(images_np, device, log)
+        ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+        if args.start_with:  # side by side: measure only once every process has its faces
+            open(f'{args.start_with}.ready{os.getpid()}', 'w').close()
+            while not os.path.exists(args.start_with):
+                time.sleep(0.05)
+        _, calls, seconds, _, _ = bench_step(args, train_args, images, ages, channels, device)
+        loop_steps = args.steps or max(args.min_loop_steps, calls)
+        loop, _ = bench_loop(args, train_args, images, table, device, loop_steps, tmp, log)
+    return {'step_img_per_s': calls * args.batch_size / seconds, 'loop_img_per_s': loop,
+            'threads': torch.get_num_threads()}
+
+
+def side_by_side(args, argv, log):
+    """The train step and loop in one process with a thread per core, then in one one-thread
+    process per core at once: {'one': figures, 'each': [figures per process]}."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.data:  # the same faces for every process, drawn once
+            log(f'making {args.n} synthetic faces in {tmp}')
+            demo_data.make_demo_data(os.path.join(tmp, 'demo'), n=args.n, n_judge=10,
+                                     seed=args.seed)
+        data = args.data or os.path.join(tmp, 'demo')
+
+        def launch(copies, threads):
+            env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+            outs = [os.path.join(tmp, f'{copies}-{i}.json') for i in range(copies)]
+            start = os.path.join(tmp, f'start{copies}')
+            command = [sys.executable, os.path.abspath(__file__), *argv, '--data', data,
+                       '--training-only', '--start-with', start]
+            procs = [subprocess.Popen([*command, '--json', out], env=env, stdout=subprocess.DEVNULL)
+                     for out in outs]
+            def ready():
+                return sum(f.startswith(f'start{copies}.ready') for f in os.listdir(tmp))
+            while ready() < copies and all(p.poll() is None for p in procs):
+                time.sleep(0.05)
+            open(start, 'w').close()  # every process has its faces: all measure together
+            if any(p.wait() != 0 for p in procs):
+                raise dataset.DataError('a --training-only process failed (its error is above)')
+            figures = []
+            for out in outs:
+                with open(out) as f:
+                    figures.append(json.load(f))
+            return figures
+        log(f'one process, {cores} threads ...')
+        one = launch(1, cores)[0]
+        log(f'{cores} one-thread processes at once ...')
+        each = launch(cores, 1)
+    rows = []
+    for what, key in (('step', 'step_img_per_s'), ('loop', 'loop_img_per_s')):
+        together = sum(f[key] for f in each)
+        rows += [(f'{what}, 1 x {cores} threads', one[key], '', 'one process'),
+                 (f'{what}, {cores} x 1 thread', together, f'{together / one[key]:.2f}',
+                  ' + '.join(f'{f[key]:.0f}' for f in each))]
+    print_table(rows)
+    return {'model': args.model, 'size': args.size, 'batch_size': args.batch_size, 'cores': cores,
+            'one_process': one, 'one_thread_processes': each, 'load_average': load_average()}
+
+
 def report(args, train_args, device, measured, load_before, start):
     """The figures as a dict (what --json writes), and the table on stdout."""
     timed, flops, loop_steps, loop_speed, peak_gb, n_images = measured
@@ -419,9 +490,8 @@ def report(args, train_args, device, measured, load_before, start):
           f'{load_before} before, {result["load_after"]} after, {n_images} '
           f'{"images from " + args.data if args.data else "synthetic faces"}')
     print_table([
-        ('pipeline (ours)', ours, f'{ours / naive:.1f}x', f'uint8 on {device.type}, '
-                                                          'to_model_input, '
-                                                          f'{timed["ours"][0]} batches'),
+        ('pipeline (ours)', ours, f'{ours / naive:.1f}x',
+         f'uint8 on {device.type}, to_model_input, {timed["ours"][0]} batches'),
         ('pipeline (naive)', naive, '', 'PIL + torchvision, DataLoader with '
                                         f'{args.workers} workers, {timed["naive"][0]} batches'),
         ('train step', step, '', f'eager, one fixed batch, {step_calls} steps after '
@@ -429,9 +499,8 @@ def report(args, train_args, device, measured, load_before, start):
         *([('train step, compiled', compiled, f'{compiled / step:.2f}',
              f'--compile {args.compile}, its first step (compiling) {startup:.1f} s')]
           if compiled else []),
-        ('train loop', loop_speed, f'{loop_speed / step:.2f}', f'train.fit, {loop_steps} steps '
-                                                               f'after a {args.warmup}-step '
-                                                               'warm-up fit'),
+        ('train loop', loop_speed, f'{loop_speed / step:.2f}',
+         f'train.fit, {loop_steps} steps after a {args.warmup}-step warm-up fit'),
         ('predict', predict_speed, '', 'models.predict_ages, batch '
                                        f'{models.eval_batch(args.batch_size, device)}, '
                                        f'{timed["predict"][0]} images'),
@@ -443,6 +512,7 @@ def report(args, train_args, device, measured, load_before, start):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -461,8 +531,15 @@ def main(argv=None):
         load_before, start = load_average(), time.time()
         log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device '
             f'{device} ({device_name(device)}), {dtype}, load average {load_before}')
-        result = report(args, train_args, device, measure_all(args, train_args, device, log),
-                        load_before, start)
+        if args.training_only:
+            result = measure_training(args, train_args, device, log)
+        elif args.side_by_side:
+            if device.type != 'cpu':
+                raise dataset.UserError('--side-by-side compares CPU threads: use --device cpu')
+            result = side_by_side(args, [a for a in argv if a != '--side-by-side'], log)
+        else:
+            result = report(args, train_args, device, measure_all(args, train_args, device, log),
+                            load_before, start)
         if args.json:
             dataset.write_json(result, args.json)
             print(f'wrote {args.json}')

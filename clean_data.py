@@ -201,8 +201,8 @@ def print_report(report, kept, table, out):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument('--data', required=True, help='folder with wiki_labels.csv and '
-                                                      'wiki_labeled/')
+    parser.add_argument('--data', required=True,
+                        help='folder with wiki_labels.csv and wiki_labeled/')
     parser.add_argument('--out', help='clean CSV to write (default: DATA/wiki_labels_clean.csv)')
     parser.add_argument('--min-face-score', type=cli.number(minus_infinity=True),
                         help='also drop rows whose face detector score is below this (#NAME? = no '

@@ -21,6 +21,8 @@ import models
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 DEMO_DIR = os.path.join('data', 'demo')
+# Options that say how to run, not what to train: they may change when a run is resumed.
+HOW_TO_RUN = ('device', 'time_limit', 'log_every', 'threads')
 # The options whose default is the model's column in the recipe table (train.RECIPE).
 PER_MODEL = ('weights', 'size', 'loss', 'lr', 'backbone_lr', 'weight_decay', 'epochs')
 
@@ -88,8 +90,8 @@ def add_train_options(parser, recipe, demo):
     defaults come from `recipe` (a column per model) and with --demo from `demo`: train.py's
     RECIPE and DEMO, kept on the parser for parse_args."""
     parser.recipe, parser.demo = recipe, demo
-    parser.add_argument('--data', default='data/wiki', help='Kaggle folder (wiki_labels.csv, '
-                                                            'wiki_labeled/)')
+    parser.add_argument('--data', default='data/wiki',
+                        help='Kaggle folder (wiki_labels.csv, wiki_labeled/)')
     parser.add_argument('--csv', help='clean CSV from clean_data.py (default: '
                                       'DATA/wiki_labels_clean.csv)')
     add_recipe_options(parser, recipe)
@@ -103,28 +105,29 @@ def add_train_options(parser, recipe, demo):
     parser.add_argument('--train-keep-second-face', action='store_true',
                         help='also train on rows where a second face was detected (validation '
                              'always keeps them)')
-    parser.add_argument('--train-max-age', type=number(), help='also drop training rows older than '
-                                                               'this')
-    parser.add_argument('--train-min-age', type=number(), help='also drop training rows younger '
-                                                               'than this')
+    parser.add_argument('--train-max-age', type=number(),
+                        help='also drop training rows older than this')
+    parser.add_argument('--train-min-age', type=number(),
+                        help='also drop training rows younger than this')
     parser.add_argument('--patience', type=number(int, at_least=0), default=0,
                         help='stop after this many epochs without a better val RMSE; 0: never '
                              '(with a cosine decay the best epochs are the last, so the default '
                              'runs the schedule to its end)')
-    parser.add_argument('--limit', type=number(int, at_least=4), help='use only N randomly chosen '
-                                                                      'rows (smoke tests)')
+    parser.add_argument('--limit', type=number(int, at_least=4),
+                        help='use only N randomly chosen rows (smoke tests)')
     parser.add_argument('--seed', type=number(int, at_least=0), default=0,
                         help='seed of the split, the initial weights and the draws')
     add_device(parser, help='where to train')
+    parser.add_argument('--threads', type=number(int, at_least=1),
+                        help="CPU threads of a run (default: torch's, one per core; with cv.py "
+                             '--jobs N, the cores shared among the N runs that train at once)')
     parser.add_argument('--time-limit', type=number(above=0),
                         help='minutes (in cv.py: for each run); stop cleanly after the step that '
                              'crosses it')
     add_compile(parser, help='torch.compile the model (a slower start); MODE reduce-overhead adds '
                              'CUDA graphs')
-    parser.add_argument('--log-every', type=number(int, at_least=1), default=50, help='steps '
-                                                                                      'between '
-                                                                                      'progress '
-                                                                                      'lines')
+    parser.add_argument('--log-every', type=number(int, at_least=1), default=50,
+                        help='steps between progress lines')
     parser.add_argument('--demo', action='store_true',
                         help=f'make synthetic data in {DEMO_DIR} if absent and use the CPU-sized '
                              'demo presets (train.py DEMO)')
@@ -165,8 +168,8 @@ def add_recipe_options(parser, recipe):
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
                         help='model input size in pixels; the images are 100x100 '
                              f'(default: {per_model(recipe, "size")})')
-    parser.add_argument('--no-augment', action='store_true', help='no crop/flip/rotation/colour '
-                                                                  'augmentation')
+    parser.add_argument('--no-augment', action='store_true',
+                        help='no crop/flip/rotation/colour augmentation')
 
 
 def demo_presets(parser, model, cv=False):
@@ -249,7 +252,7 @@ def resumed_options(parser, args, fresh_parser):
         parser.error(f'--resume {args.resume}: {why}')
     try:
         resume = models.load_checkpoint(last, resumable=True)
-        changeable = {k: getattr(args, k) for k in ('device', 'time_limit', 'log_every')}
+        changeable = {k: getattr(args, k) for k in HOW_TO_RUN}
         saved = parse_saved(fresh_parser, {**resume['args'], **changeable}, last)
     except models.CheckpointError as e:
         error(f'--resume {args.resume}: {last} cannot be resumed from ({e})')

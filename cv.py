@@ -3,6 +3,7 @@
     python cv.py --demo --model resnet50                          # synthetic faces, on a laptop CPU
     python cv.py --model resnet50 --loss smoothl1 --folds 5       # the real data in data/wiki
     python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
+    python cv.py --model cnn --folds 5 --jobs 1                   # one run after another
     torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
 
 Every training option of train.py works here under the same name and is fixed for all runs
@@ -12,8 +13,14 @@ fold. The images are decoded once for the whole grid. Running the same command a
 finished (combination, fold) pairs and resumes an interrupted one. The run directory gets
 folds.csv, results.csv, summary.csv, oof_predictions.csv, predictions.png, error_by_decade.png and
 fold_models.csv (for `python predict.py --checkpoint RUN_DIR`).
+
+With --jobs N, N runs train at once, each in a process of its own with the cores shared among
+them (one thread each on N cores): on a CPU where two one-thread runs train more images a second
+than one run with a thread per core (`python bench.py --side-by-side` measures it), that is more
+training in the same time. Each line of a run's log starts with its number, [3/5].
 """
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -21,7 +28,11 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pandas as pd
@@ -32,21 +43,21 @@ import cli
 import dataset
 import metrics
 import models
+import run_control
 import train
 
 # Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's
-# own.
-NOT_GRIDDABLE = {'data', 'csv', 'demo', 'device', 'time_limit', 'log_every', 'compile', 'limit',
-                 'seed',
-                 'folds', 'grid', 'out_dir', 'keep_all_models'}
+# own. The same command again resumes whatever the how-to-run options say.
+HOW_TO_RUN = (*cli.HOW_TO_RUN, 'compile', 'jobs', 'run')
+NOT_GRIDDABLE = {'data', 'csv', 'demo', 'limit', 'seed', 'folds', 'grid', 'out_dir',
+                 'keep_all_models', *HOW_TO_RUN}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     cli.add_train_options(parser, train.RECIPE, train.DEMO)
-    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5, help='folds, '
-                                                                                     'grouped by '
-                                                                                     'person')
+    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5,
+                        help='folds, grouped by person')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 '
                              'batch_size=64,128')
@@ -55,6 +66,12 @@ def build_parser():
     parser.add_argument('--keep-all-models', action='store_true',
                         help='keep every fold model of every combination, not only the best '
                              'combination')
+    parser.add_argument('--jobs', type=cli.number(int, at_least=1), default=1,
+                        help='runs that train at once, each in a process of its own with the cores '
+                             'shared among them; 1: one after another with a thread per core '
+                             '(under torchrun each process trains its own runs one after another)')
+    parser.add_argument('--run', type=cli.number(int, at_least=0),
+                        help=argparse.SUPPRESS)  # a worker process: run number RUN only
     return parser
 
 
@@ -122,6 +139,7 @@ def summarize(results):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = cli.parse_args(parser, argv, cv=True)
     combos = parse_grid(parser, args.grid)
@@ -129,12 +147,12 @@ def main(argv=None):
         cli.check_args(parser, argparse.Namespace(**{**vars(args), **combo}))
     name = f'cv-demo-{args.model}' if args.demo else f'cv-{args.model}'
     args.out_dir = args.out_dir or os.path.join('runs', name)
+    if args.run is not None:  # one run of a parallel cv.py: the parent checked everything
+        return cli.run(lambda: worker_command(args, combos), batch_size=args.batch_size)
     # The same command again resumes; a different one must not mix its results into this folder.
-    identity = {k: v for k,
-                v in vars(args).items() if k not in ('device', 'time_limit', 'log_every',
-                                                     'compile')}
+    identity = {k: v for k, v in vars(args).items() if k not in HOW_TO_RUN}
     check_out_dir(parser, args.out_dir, identity)
-    return cli.run(lambda: cv_command(args, combos, identity), batch_size=args.batch_size,
+    return cli.run(lambda: cv_command(args, combos, identity, argv), batch_size=args.batch_size,
                    interrupted='interrupted; run the same command again to go on')
 
 
@@ -160,7 +178,7 @@ def check_out_dir(parser, out_dir, identity):
         parser.error(f'--out-dir {out_dir} exists and is not a cv.py run; choose a new --out-dir')
 
 
-def cv_command(args, combos, identity):
+def cv_command(args, combos, identity, argv):
     # Under torchrun each process takes every world_size-th (combination, fold) run on its own GPU;
     # gloo only for the final barrier, with a long timeout: a rank may wait hours for the others.
     with models.distributed(args.device, backend='gloo',
@@ -169,25 +187,142 @@ def cv_command(args, combos, identity):
         table, images = dataset.load_table(args, log, rank, world)
         folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
         check_folds(args, combos, table, folds)
-        n_cells = len(combos) * args.folds
+        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+        jobs, threads = parallel_plan(args, world, len(cells))
+        side_by_side = f', {jobs} at a time, {threads} thread(s) each' if jobs > 1 else ''
         log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
-            f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {n_cells} runs')
+            f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {len(cells)} '
+            f'runs{side_by_side}')
         with cli.output_folder(args.out_dir):  # made only now that the inputs are checked
             if rank == 0:
                 dataset.write_json(identity, os.path.join(args.out_dir, 'config.json'))
                 dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'],
                                                 'fold': folds}),
                                   os.path.join(args.out_dir, 'folds.csv'))
-            images = dataset.place_images(images, device, log)
-            cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
-            for i, (c, k) in enumerate(cells):
-                if i % world == rank:
-                    run_cell(args, combos[c], k, folds, table, images, device, log,
-                             f'[{i + 1}/{n_cells}]')
+            if jobs > 1:
+                del images  # each worker reads its own copy from the image cache
+                run_parallel(args, argv, combos, cells, jobs, threads, log)
+            else:
+                images = dataset.place_images(images, device, log)
+                with models.cpu_threads(args.threads):
+                    run_in_turn(args, combos, cells, folds, table, images, device, log, rank,
+                                world)
             if world > 1:
                 dist.barrier()
             if rank == 0:
                 report(args, combos, log)
+
+
+def run_in_turn(args, combos, cells, folds, table, images, device, log, rank, world):
+    """The runs one after another in this process (under torchrun: every world-th on this one)."""
+    try:
+        for i, (c, k) in enumerate(cells):
+            if i % world == rank:
+                run_cell(args, combos[c], k, folds, table, images, device,
+                         tagged(log, i, len(cells)))
+    except SystemExit:  # Ctrl-C or SIGTERM: the run's last.pt is saved
+        log('interrupted; run the same command again to go on')
+        raise
+
+
+def tagged(log, i, n):
+    """The log of run i of n: every line starts with [i+1/n], so side-by-side runs stay readable."""
+    return lambda *a: log(f'[{i + 1}/{n}]', *a)
+
+
+# ----------------------------------------------------------------------------- runs side by side
+
+def parallel_plan(args, world, n_runs):
+    """(runs at once, CPU threads of each): --jobs, never more than the runs, and --threads or
+    the cores shared among the runs at once. Under torchrun each process trains its share of the
+    runs one after another."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    jobs = 1 if world > 1 else min(args.jobs, n_runs)
+    return jobs, args.threads or (max(1, (cores or 1) // jobs) if jobs > 1 else None)
+
+
+def run_parallel(args, argv, combos, cells, jobs, threads, log):
+    """Each run not done before in a worker process (this script with --run I), `jobs` at a time.
+    The workers have sessions of their own, out of the terminal's reach: a Ctrl-C or SIGTERM here
+    reaches each once, as SIGTERM (which also stops a worker still starting up without a word);
+    each saves its last.pt at the end of its step and stops, and the same command again goes on
+    from there."""
+    n, start = len(cells), time.time()
+    pending = []
+    for i, (c, k) in enumerate(cells):
+        if os.path.exists(os.path.join(cell_dir(args, combos[c], k), 'result.json')):
+            tagged(log, i, n)(f'{combo_name(combos[c])} fold {k}: done before, skipped')
+        else:
+            pending.append(i)
+    done, failed = n - len(pending), []
+    with forwarding_signals() as workers:
+        while workers.running or (pending and not workers.caught):
+            while pending and len(workers.running) < jobs and not workers.caught:
+                i = pending.pop(0)
+                command = [sys.executable, os.path.abspath(__file__), *argv, '--run', str(i),
+                           '--threads', str(threads)]
+                # The thread count in the environment too: OpenMP then starts with it, which
+                # runs faster than resizing its pool later.
+                env = {**os.environ, 'OMP_NUM_THREADS': str(threads),
+                       'MKL_NUM_THREADS': str(threads)}
+                workers.running[i] = subprocess.Popen(command, env=env, start_new_session=True)
+            time.sleep(0.2)
+            for i, proc in list(workers.running.items()):
+                if proc.poll() is None:
+                    continue
+                del workers.running[i]
+                if proc.returncode == 0:
+                    done += 1
+                    tagged(log, i, n)(f'finished: {done} of {n} runs done, elapsed '
+                                      f'{run_control.fmt_time(time.time() - start)}')
+                elif not workers.caught:
+                    failed.append(f'[{i + 1}/{n}]')
+    if workers.caught:
+        if workers.caught[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        cli.error('interrupted (SIGTERM); run the same command again to go on')
+        raise SystemExit(128 + signal.SIGTERM)
+    if failed:
+        raise dataset.DataError(f'run(s) {", ".join(failed)} failed (their error is above); run '
+                                'the same command again to retry them')
+
+
+@contextlib.contextmanager
+def forwarding_signals():
+    """workers.running (run number -> process) get a SIGTERM for every Ctrl-C and SIGTERM this
+    process gets (a second one makes them give up at once); workers.caught lists the signals that
+    came. If this process fails, they are stopped the same way: each saves its last.pt."""
+    workers = types.SimpleNamespace(running={}, caught=[])
+
+    def forward(signum, frame):
+        if not workers.caught:
+            print(f'\n{signal.Signals(signum).name}: every run stops after its current step and '
+                  'saves last.pt ...', flush=True)
+        workers.caught.append(signum)
+        for proc in workers.running.values():
+            proc.send_signal(signal.SIGTERM)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield workers
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for proc in workers.running.values():  # only after an error here: stop them cleanly
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+
+
+def worker_command(args, combos):
+    """--run I: train run I alone, with --threads CPU threads; cv_command made the folder."""
+    with models.cpu_threads(args.threads):
+        device = models.pick_device(args.device)
+        table, images = dataset.load_table(args, log=lambda *a: None)  # the parent said it all
+        folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
+        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+        c, k = cells[args.run]
+        images = dataset.place_images(images, device)
+        log = tagged(lambda *a: print(*a, flush=True), args.run, len(cells))
+        run_cell(args, combos[c], k, folds, table, images, device, log)
 
 
 def check_folds(args, combos, table, folds):
@@ -212,11 +347,11 @@ def cell_dir(args, combo, k):
     return os.path.join(args.out_dir, 'cells', combo_name(combo), f'fold{k}')
 
 
-def run_cell(args, combo, k, folds, table, images, device, log, tag):
+def run_cell(args, combo, k, folds, table, images, device, log):
     """Train one (combination, fold) unless it finished before; resume it if it was interrupted."""
-    out = cell_dir(args, combo, k)
+    out, name = cell_dir(args, combo, k), combo_name(combo)
     if os.path.exists(os.path.join(out, 'result.json')):
-        log(f'{tag} {combo_name(combo)} fold {k}: done before, skipped')
+        log(f'{name} fold {k}: done before, skipped')
         return
     resume = None
     if os.path.exists(os.path.join(out, 'last.pt')):
@@ -227,21 +362,19 @@ def run_cell(args, combo, k, folds, table, images, device, log, tag):
     cell_args = argparse.Namespace(**{**vars(args), **combo})
     val_rows = clean_data.validation_rows(table, folds, k)
     train_rows = clean_data.training_rows(table, np.flatnonzero(folds != k), cell_args)
-    log(f'{tag} {combo_name(combo)} fold {k}: {len(train_rows)} train / {len(val_rows)} validation '
-        'rows')
+    log(f'{name} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
     try:
         rows = train.make_rows(cell_args, images, table, train_rows, val_rows)
         result = train.fit(cell_args, rows, out, device, resume=resume, log=log)
         result.pop('val_pred')
     except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
-        log(f'{tag} {combo_name(combo)} fold {k}: {e}')
+        log(f'{name} fold {k}: {e}')
         result = {**train.val_columns(), 'best_epoch': -1, 'train_img_per_s': math.nan,
-                  'seconds': 0.0,
-                  'stopped': 'diverged'}
+                  'seconds': 0.0, 'stopped': 'diverged'}
     ages = table['age'].to_numpy(dtype=np.float64)
-    result['mean_rmse'] = metrics.scores(ages[val_rows],
-                                         np.full(len(val_rows), ages[train_rows].mean()))['rmse']
-    dataset.write_json({**combo, 'combination': combo_name(combo), 'fold': k, **result},
+    mean_guess = np.full(len(val_rows), ages[train_rows].mean())
+    result['mean_rmse'] = metrics.scores(ages[val_rows], mean_guess)['rmse']
+    dataset.write_json({**combo, 'combination': name, 'fold': k, **result},
                        os.path.join(out, 'result.json'))
 
 

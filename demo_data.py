@@ -253,12 +253,12 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('out', metavar='DIR', nargs='?',
                         help='write the synthetic demo folder here')
-    parser.add_argument('--framing', metavar='PNG', help="draw the README's picture of how to "
-                                                         "frame a photo")
+    parser.add_argument('--framing', metavar='PNG',
+                        help="draw the README's picture of how to frame a photo")
     parser.add_argument('--n', type=number(int, at_least=20), default=1500, help='labelled rows')
     parser.add_argument('--n-judge', type=number(int, at_least=1), default=300, help='test rows')
-    parser.add_argument('--seed', type=number(int, at_least=0), default=0, help='seed of the drawn '
-                                                                                'faces')
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0,
+                        help='seed of the drawn faces')
     return parser
 
 

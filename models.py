@@ -279,6 +279,18 @@ def distributed(device_name, backend=None, timeout=None):
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's CPU threads set to n for what runs inside (None: left as they are), then restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compile_model(model, mode, device, log=print):
     """torch.compile(model, mode=mode) where this machine can compile: inductor needs a C++ compiler
     for the CPU and Triton for a GPU. A one-line function is compiled first, so a missing compiler

@@ -262,22 +262,22 @@ def report_labels(labels_path, truth, pred, out):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument('--checkpoint', nargs='+', required=True, help='best.pt files or run '
-                                                                       'directories')
+    parser.add_argument('--checkpoint', nargs='+', required=True,
+                        help='best.pt files or run directories')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--data', help='Kaggle folder with wiki_judge.csv and wiki_judge_images/: '
                                        'the submission')
-    source.add_argument('--images', nargs='+', metavar='PATH', help='image files and folders: '
-                                                                    'path,age for each')
-    parser.add_argument('--labels', metavar='CSV', help='true ages to score the predictions: a CSV '
-                                                        'of file,age with --images, of ID,age with '
-                                                        '--data')
+    source.add_argument('--images', nargs='+', metavar='PATH',
+                        help='image files and folders: path,age for each')
+    parser.add_argument('--labels', metavar='CSV',
+                        help='true ages to score the predictions: a CSV of file,age with --images, '
+                             'of ID,age with --data')
     parser.add_argument('--out', help='the CSV to write (default: submission.csv with --data, '
                                       'predictions.csv with --images)')
     parser.add_argument('--batch-size', type=cli.number(int, at_least=1), default=256,
                         help='images per forward pass')
-    parser.add_argument('--no-tta', action='store_true', help='no horizontal-flip test-time '
-                                                              'augmentation')
+    parser.add_argument('--no-tta', action='store_true',
+                        help='no horizontal-flip test-time augmentation')
     cli.add_device(parser)
     return parser
 

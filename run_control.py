@@ -48,7 +48,6 @@ class Progress:
     train_seconds: float = 0.0
 
 
-
 @dataclasses.dataclass
 class EpochClock:
     """An epoch in progress: its first step (not 0 when resumed), the loss summed on the device
@@ -62,6 +61,7 @@ class EpochClock:
 
 
 def start_epoch(run, epoch):
+    """The clock of an epoch; a fresh one (not resumed mid-way) also reseeds the augmentation."""
     progress = run.progress
     if progress.step == 0:  # a fresh epoch, not one resumed mid-way
         if run.learner.aug is not None:
@@ -237,8 +237,7 @@ def save_last_and_exit(run, epoch):
     if run.rank == 0:
         path = os.path.join(run.out_dir, 'last.pt')
         models.save_file(path, checkpoint(run, 'last'))
-        run.log(f'saved {path} at epoch {epoch + 1} step {run.progress.step}; '
-                f'continue with: python train.py --resume {run.out_dir}')
+        run.log(f'saved {path} at epoch {epoch + 1} step {run.progress.step}')
     raise SystemExit(128 + (Signals.caught or signal.SIGINT))  # another process may have had it
 
 

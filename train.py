@@ -46,14 +46,12 @@ RECIPE = {
     'lr':           dict(cnn=1e-3,         resnet50=1e-3),  # AdamW's peak: the head, or all layers
     'backbone_lr':  dict(cnn=None,         resnet50=None),  # None: lr/10 if pretrained, else lr
     'weight_decay': dict(cnn=1e-4,         resnet50=1e-4),  # of conv and linear weights only
-    # per step: small stays in the CPU's caches
-    'batch_cpu':    dict(cnn=32,           resnet50=32),
+    'batch_cpu':    dict(cnn=32,           resnet50=32),  # small: a step stays in the caches
     'batch_gpu':    dict(cnn=128,          resnet50=128),  # a GPU needs many images to be busy
     'epochs':       dict(cnn=30,           resnet50=30),
     'warmup':       dict(cnn=0.1,          resnet50=0.1),  # share of the steps the lr ramps up over
     'warmup_epochs': dict(cnn=3,           resnet50=3),  # ... but at most this many epochs
-    # years: DEX's soft labels, as noisy as wiki
-    'dex_sigma':    dict(cnn=6.0,          resnet50=6.0),
+    'dex_sigma':    dict(cnn=6.0,          resnet50=6.0),  # years: as noisy as wiki's ages
     # augmentation, drawn afresh for every image: a face moves, turns and changes light
     'crop_area':    dict(cnn=(0.7, 1.0),   resnet50=(0.7, 1.0)),  # share of the face a crop keeps
     'crop_aspect':  dict(cnn=(0.9, 1.1),   resnet50=(0.9, 1.1)),  # width over height of the crop
@@ -454,7 +452,7 @@ def build_parser():
                                           'runs/demo-DATE-TIME)')
     parser.add_argument('--resume', metavar='RUN_DIR',
                         help='continue the run saved in RUN_DIR/last.pt with its saved options '
-                             '(only --device, --time-limit and --log-every may change)')
+                             '(only --device, --time-limit, --log-every and --threads may change)')
     return parser
 
 
@@ -477,7 +475,7 @@ def main(argv=None):
 
 
 def train_command(args, resume):
-    with models.distributed(args.device) as (rank, world, device):
+    with models.distributed(args.device) as (rank, world, device), models.cpu_threads(args.threads):
         if world > 1:  # the ranks may have stamped their default --out-dir a second apart
             out_dir = [args.out_dir]
             dist.broadcast_object_list(out_dir, src=0)
@@ -488,7 +486,11 @@ def train_command(args, resume):
         with cli.output_folder(args.out_dir):  # made only now that the inputs are checked
             images = dataset.place_images(images, device, log)
             rows = make_rows(args, images, table, train_rows, val_rows)
-            result = fit(args, rows, args.out_dir, device, resume, log, rank, world)
+            try:
+                result = fit(args, rows, args.out_dir, device, resume, log, rank, world)
+            except SystemExit:  # a signal: last.pt is saved
+                log(f'continue with: python train.py --resume {args.out_dir}')
+                raise
     speed = f'{result["train_img_per_s"]:.0f} img/s, {run_control.fmt_time(result["seconds"])}'
     if result['val_rmse'] is None:
         log(f'done: trained on all {result["n_train"]} rows for {result["epochs_run"]} epochs, '

@@ -1,6 +1,7 @@
 """cv.py: folds, grid expansion, summary numbers, a tiny CV run, resuming and predicting from it."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,8 +17,7 @@ import predict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
-        '2',
-        '--device', 'cpu', '--log-every', '100']
+        '2', '--device', 'cpu', '--log-every', '100']
 
 
 def test_grid_expands_every_combination_with_types():
@@ -143,7 +143,7 @@ def test_resume_continues_an_interrupted_cell_from_its_last_checkpoint(tiny_data
     assert cv.main(['--data', tiny_data, *argv, '--out-dir', str(tmp_path / 'straight')]) == 0
     command = [sys.executable, 'cv.py', '--data', tiny_data, *argv, '--out-dir',
                str(tmp_path / 'cut')]
-    code, _ = interrupt(command[1:], at='epoch 2/3 step 2/', after='[2/2] base fold 1')
+    code, _ = interrupt(command[1:], at='[2/2] epoch 2/3 step 2/')
     assert code == 130
     fold1 = tmp_path / 'cut' / 'cells' / 'base' / 'fold1'
     assert os.path.exists(fold1 / 'last.pt') and not os.path.exists(fold1 / 'result.json')
@@ -216,3 +216,71 @@ def test_a_diverging_combination_is_recorded_not_fatal(tiny_data, tmp_path, monk
     assert list(summary['diverged']) == [0, 2] and np.isnan(summary['rmse_mean'][1])
     fold_models = pd.read_csv(os.path.join(out, 'fold_models.csv'))
     assert fold_models['checkpoint'].str.contains('smoothl1').all()
+
+
+# ----------------------------------------------------------------------------- runs side by side
+
+def results_of(out):
+    return pd.read_csv(os.path.join(out, 'results.csv'))[['combination', 'fold', 'rmse', 'mae',
+                                                          'r2',
+                                                          'best_epoch']]
+
+
+def test_side_by_side_runs_give_what_one_after_another_gives(tiny_data, tmp_path, capfd):
+    """Two one-thread worker processes at once, and the same runs one after another on one
+    thread: the same folds, the same numbers to the last digit, the same out-of-fold predictions."""
+    argv = ['--data', tiny_data, *FAST, '--folds', '2', '--grid', 'lr=1e-3,2e-3']
+    assert cv.main([*argv, '--jobs', '1', '--threads', '1', '--out-dir',
+                    str(tmp_path / 'turn')]) == 0
+    assert cv.main([*argv, '--jobs', '2', '--out-dir', str(tmp_path / 'side')]) == 0
+    log = capfd.readouterr().out
+    assert '4 runs, 2 at a time, 1 thread(s) each' in log
+    assert sum(line.startswith('[') and 'finished: ' in line for line in log.splitlines()) == 4
+    for name in ('folds.csv', 'oof_predictions.csv'):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / 'side' / name),
+                                      pd.read_csv(tmp_path / 'turn' / name))
+    pd.testing.assert_frame_equal(results_of(tmp_path / 'side'), results_of(tmp_path / 'turn'))
+
+
+def test_runs_at_once_and_their_threads():
+    parser = cv.build_parser()
+    cores = len(os.sched_getaffinity(0))
+    assert cv.parallel_plan(cli_args(parser, []), 1, 5) == (1, None)  # the default: as before
+    assert cv.parallel_plan(cli_args(parser, ['--jobs', '2']), 1, 5) == (2, max(1, cores // 2))
+    assert cv.parallel_plan(cli_args(parser, ['--jobs', '8']), 1, 3)[0] == 3  # not more than runs
+    assert cv.parallel_plan(cli_args(parser, ['--jobs', '2', '--threads', '3']), 1, 5) == (2, 3)
+    assert cv.parallel_plan(cli_args(parser, ['--jobs', '2']), 2, 5) == (1, None)  # torchrun
+
+
+def cli_args(parser, argv):
+    return cv.cli.parse_args(parser, ['--model', 'cnn', '--device', 'cpu', *argv], cv=True)
+
+
+SIDE_BY_SIDE = [*FAST, '--epochs', '3', '--log-every', '1', '--folds', '2', '--jobs', '2']
+
+
+@pytest.fixture(scope='module')
+def side_by_side_run(tiny_data, tmp_path_factory):
+    """Two runs side by side, uninterrupted: what an interrupted and resumed one must equal."""
+    out = tmp_path_factory.mktemp('side') / 'straight'
+    assert cv.main(['--data', tiny_data, *SIDE_BY_SIDE, '--out-dir', str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_side_by_side_runs_leaves_them_resumable(tiny_data, side_by_side_run,
+                                                                 tmp_path, interrupt, sig):
+    """Ctrl-C or SIGTERM to cv.py while two workers train: each saves its last.pt and stops, and
+    the same command again finishes the runs with the numbers of an uninterrupted CV."""
+    cut = ['cv.py', '--data', tiny_data, *SIDE_BY_SIDE, '--out-dir', tmp_path / 'cut']
+    code, out = interrupt(cut, at='[2/2] epoch 2/3 step 2/', sig=sig)
+    assert code == 128 + sig, out
+    assert 'Traceback' not in out
+    cells = (tmp_path / 'cut' / 'cells' / 'base').glob('fold*')
+    saved = [p for p in cells if (p / 'last.pt').exists()]
+    assert saved and not any((p / 'result.json').exists() for p in saved)
+    again = subprocess.run([sys.executable, *map(str, cut)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert 'resumed at epoch' in again.stdout
+    pd.testing.assert_frame_equal(results_of(tmp_path / 'cut'), results_of(side_by_side_run))

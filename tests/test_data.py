@@ -124,8 +124,8 @@ def test_read_labels_kaggle_csv(tmp_path):
     assert np.isnan(sfs[[0, 1, 3]]).all() and sfs[2] == pytest.approx(1.8891)
     assert t['name'].tolist() == ['Sami Jauhojärvi', '', "O'Neil", 'Zoë Yılmaz']
     # Name first; an empty name falls back to the wiki person id before the first '_'.
-    assert t['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548', "name:O'Neil", 'name:Zoë '
-                                                                                       'Yılmaz']
+    assert t['person'].tolist() == ['name:Sami Jauhojärvi', 'id:31548', "name:O'Neil",
+                                    'name:Zoë Yılmaz']
 
 
 def test_read_labels_same_person_across_rows(tmp_path):
@@ -297,8 +297,8 @@ def test_clean_data_by_default_removes_only_the_unusable(tmp_path, capsys):
     out = tmp_path / 'clean.csv'
     assert clean_data.main(['--data', str(root), '--out', str(out)]) == 0
     printed = capsys.readouterr().out
-    assert list(report_table(printed)) == ['rows in wiki_labels.csv', 'image missing or does not '
-                                                                      'decode',
+    assert list(report_table(printed)) == ['rows in wiki_labels.csv',
+                                           'image missing or does not decode',
                                            'age outside 1..100']
     clean = dataset.read_clean(str(out))
     assert {2002, 2003, 2004} < set(clean['ID'])  # the strict cleaning's rows, and more
@@ -347,8 +347,8 @@ def test_metadata_rules_flag_exactly_their_rows():
     # the default: only the unusable
     assert list(clean_data.metadata_rules(t)) == ['age outside 1..100']
     rules = clean_data.metadata_rules(t, min_face_score=1.0, drop_second_face=True)
-    assert list(rules) == ['face_score not a number or < 1', 'second face detected', 'age outside '
-                                                                                     '1..100']
+    assert list(rules) == ['face_score not a number or < 1', 'second face detected',
+                           'age outside 1..100']
     flagged = {rule: np.flatnonzero(mask).tolist() for rule, mask in rules.items()}
     assert flagged['face_score not a number or < 1'] == [1, 2, 3]
     assert flagged['second face detected'] == [5]
@@ -632,9 +632,8 @@ def test_augmentation_follows_the_strengths_it_is_given():
     none = {'crop_area': (1.0, 1.0), 'crop_aspect': (1.0, 1.0), 'rotation': 0.0, 'flip': 0.0,
             'brightness': (1.0, 1.0), 'contrast': (1.0, 1.0)}
     plain = dataset.to_model_input(x, 100, 1)
-    torch.testing.assert_close(dataset.to_model_input(x, 100, 1, torch.Generator().manual_seed(1),
-                                                      none),
-                               plain, atol=1e-4, rtol=0)
+    unaugmented = dataset.to_model_input(x, 100, 1, torch.Generator().manual_seed(1), none)
+    torch.testing.assert_close(unaugmented, plain, atol=1e-4, rtol=0)
     always_flipped = dataset.to_model_input(x, 100, 1, torch.Generator().manual_seed(1),
                                             {**none, 'flip': 1.0})
     torch.testing.assert_close(always_flipped, plain.flip(-1), atol=1e-4, rtol=0)
