@@ -23,14 +23,14 @@ The rows of the table it prints:
                     (no flip).
 On CUDA it also prints the model FLOP utilisation (MFU) of the train step and the peak memory of
 the loop. --side-by-side times only the train step and the loop, twice: in one process with a
-thread per core, and in one one-thread process per core at once (how cv.py runs its folds on a
-CPU); it prints the images per second of each and of all together.
+thread per core, and in one one-thread process per core at once (as `cv.py --jobs N` runs its
+runs); it prints the images per second of each and of all together.
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
-import json
 import platform
 import subprocess
 import sys
@@ -212,8 +212,7 @@ def bench_step(args, train_args, images, ages, channels, device):
     step()
     first = clock(device) - t
     # FLOPs of one step as MFU counts them: the matrix products and convolutions of forward and
-    # backward (the optimizer's elementwise work is not counted, and is a rounding error next to
-    # them).
+    # backward (the optimizer's elementwise work is not counted: a rounding error next to them).
     # Counted on the plain model: a compiled one runs the same products, out of the counter's sight.
     with FlopCounterMode(display=False) as counter:
         train.train_step(dataclasses.replace(learner, step_model=learner.model), x, y)
@@ -316,8 +315,7 @@ def build_parser():
                         help='timed bare train steps at least')
     parser.add_argument('--min-loop-steps', type=number(int, at_least=1), default=10,
                         help='steps of the timed train.fit at least')
-    # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 is with 2:4
-    # sparsity).
+    # NVIDIA's H100/H200 SXM datasheet: 989 TFLOP/s dense bf16 tensor-core (1979 with sparsity).
     # Give your GPU's dense bf16 (or fp16, if it has no bf16) figure for another GPU.
     parser.add_argument('--peak-tflops', type=number(above=0), default=989.0,
                         help='the GPU\'s dense bf16 peak, for MFU')
@@ -409,7 +407,7 @@ def measure_training(args, train_args, device, log):
 def side_by_side(args, argv, log):
     """The train step and loop in one process with a thread per core, then in one one-thread
     process per core at once: {'one': figures, 'each': [figures per process]}."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = models.cpu_cores()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.data:  # the same faces for every process, drawn once
             log(f'making {args.n} synthetic faces in {tmp}')

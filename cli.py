@@ -261,8 +261,7 @@ def resumed_options(parser, args, fresh_parser):
                                  'resume': args.resume, 'out_dir': args.resume}), resume
 
 
-# ----------------------------------------------------------------------------- errors, exit codes,
-# folders
+# ---------------------------------------------------------------------- errors, exit codes, folders
 
 def refuse_overwriting_inputs(parser, flag, out, inputs):
     """A usage error when the output file `out` is one of the input files: never overwrite an

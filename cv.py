@@ -3,7 +3,7 @@
     python cv.py --demo --model resnet50                          # synthetic faces, on a laptop CPU
     python cv.py --model resnet50 --loss smoothl1 --folds 5       # the real data in data/wiki
     python cv.py --model cnn --weights none --folds 5 --grid lr=1e-3,3e-4 loss=mse,smoothl1
-    python cv.py --model cnn --folds 5 --jobs 1                   # one run after another
+    python cv.py --model cnn --folds 5 --jobs 2                   # two runs at once
     torchrun --nproc_per_node=4 cv.py ...                         # spread the runs over 4 GPUs
 
 Every training option of train.py works here under the same name and is fixed for all runs
@@ -49,7 +49,8 @@ import train
 # Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's
 # own. The same command again resumes whatever the how-to-run options say.
 HOW_TO_RUN = (*cli.HOW_TO_RUN, 'compile', 'jobs', 'run')
-NOT_GRIDDABLE = {'data', 'csv', 'demo', 'limit', 'seed', 'folds', 'grid', 'out_dir',
+# The model too: its per-model defaults (weights, size, loss, ...) are filled in once.
+NOT_GRIDDABLE = {'model', 'data', 'csv', 'demo', 'limit', 'seed', 'folds', 'grid', 'out_dir',
                  'keep_all_models', *HOW_TO_RUN}
 
 
@@ -169,8 +170,8 @@ def check_out_dir(parser, out_dir, identity):
             saved = {}
         changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         cells = os.path.join(out_dir, 'cells')
-        has_results = any(name in ('result.json', 'last.pt') for _, _,
-                          names in os.walk(cells) for name in names)
+        has_results = any(name in ('result.json', 'last.pt')
+                          for _, _, names in os.walk(cells) for name in names)
         if changed and has_results:
             parser.error(f'--out-dir {out_dir} holds a CV run with other options '
                          f'({", ".join(changed)}); choose a new --out-dir')
@@ -187,7 +188,7 @@ def cv_command(args, combos, identity, argv):
         table, images = dataset.load_table(args, log, rank, world)
         folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
         check_folds(args, combos, table, folds)
-        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+        cells = all_runs(combos, args.folds)
         jobs, threads = parallel_plan(args, world, len(cells))
         side_by_side = f', {jobs} at a time, {threads} thread(s) each' if jobs > 1 else ''
         log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
@@ -225,6 +226,11 @@ def run_in_turn(args, combos, cells, folds, table, images, device, log, rank, wo
         raise
 
 
+def all_runs(combos, folds):
+    """Every (combination, fold) pair, in the order of their run numbers."""
+    return [(c, k) for c in range(len(combos)) for k in range(folds)]
+
+
 def tagged(log, i, n):
     """The log of run i of n: every line starts with [i+1/n], so side-by-side runs stay readable."""
     return lambda *a: log(f'[{i + 1}/{n}]', *a)
@@ -236,9 +242,8 @@ def parallel_plan(args, world, n_runs):
     """(runs at once, CPU threads of each): --jobs, never more than the runs, and --threads or
     the cores shared among the runs at once. Under torchrun each process trains its share of the
     runs one after another."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     jobs = 1 if world > 1 else min(args.jobs, n_runs)
-    return jobs, args.threads or (max(1, (cores or 1) // jobs) if jobs > 1 else None)
+    return jobs, args.threads or (max(1, models.cpu_cores() // jobs) if jobs > 1 else None)
 
 
 def run_parallel(args, argv, combos, cells, jobs, threads, log):
@@ -318,7 +323,7 @@ def worker_command(args, combos):
         device = models.pick_device(args.device)
         table, images = dataset.load_table(args, log=lambda *a: None)  # the parent said it all
         folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
-        cells = [(c, k) for c in range(len(combos)) for k in range(args.folds)]
+        cells = all_runs(combos, args.folds)
         c, k = cells[args.run]
         images = dataset.place_images(images, device)
         log = tagged(lambda *a: print(*a, flush=True), args.run, len(cells))
@@ -367,7 +372,7 @@ def run_cell(args, combo, k, folds, table, images, device, log):
         rows = train.make_rows(cell_args, images, table, train_rows, val_rows)
         result = train.fit(cell_args, rows, out, device, resume=resume, log=log)
         result.pop('val_pred')
-    except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
+    except run_control.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
         log(f'{name} fold {k}: {e}')
         result = {**train.val_columns(), 'best_epoch': -1, 'train_img_per_s': math.nan,
                   'seconds': 0.0, 'stopped': 'diverged'}
@@ -452,6 +457,7 @@ def pool_best(args, best, results, log):
                                     'val_rmse': fold_rmse}),
                       os.path.join(args.out_dir, 'fold_models.csv'))
     return metrics.scores(oof['age'], oof['prediction'])
+
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -110,10 +110,8 @@ def require(files, data_dir, *keys):
                   'judge_images': 'wiki_judge_images/wiki_judge_images/ or wiki_judge_images/'}
     missing = [looked_for[k] for k in keys if files[k] is None]
     if missing:
-        raise DataError(f'{data_dir} lacks ' + ', '.join(missing) + ' (unpack the Kaggle zip '
-                                                                    'there, or run `python '
-                                                                    'train.py --demo` for '
-                                                                    'synthetic data)')
+        raise DataError(f'{data_dir} lacks {", ".join(missing)} (unpack the Kaggle zip there, or '
+                        'run `python train.py --demo` for synthetic data)')
 
 
 # ----------------------------------------------------------------------------- CSV parsing
@@ -494,21 +492,19 @@ def to_model_input(x, size, channels, generator=None, strengths=None, flip=False
     if generator is not None:
         p = augment_params(n, generator, x.device, strengths)
         cos, sin = p['angle'].cos(), p['angle'].sin()
-        # The sampling grid built as (n, 2, size, size) planes and handed over as the (n, size,
-        # size, 2)
-        # view grid_sample takes. F.affine_grid says the same in one call (tests/test_data.py checks
-        # that they agree), but it computes the grid with a batched matmul, which is slower.
-        # pixel centres
+        # The sampling grid built as (n, 2, size, size) planes and handed over as the
+        # (n, size, size, 2) view grid_sample takes. F.affine_grid says the same in one call
+        # (tests/test_data.py checks that they agree), but computes it with a batched matmul,
+        # which is slower. `base`: the pixel centres.
         base = (torch.arange(size, device=x.device, dtype=torch.float32) * 2 + 1) / size - 1
-        along_x = torch.stack([p['w'] * p['flip'] * cos, p['w'] * p['flip'] * sin],
-                              1).view(n, 2, 1, 1)
+        along_x = p['w'] * p['flip']
+        along_x = torch.stack([along_x * cos, along_x * sin], 1).view(n, 2, 1, 1)
         along_y = torch.stack([-p['h'] * sin, p['h'] * cos], 1).view(n, 2, 1, 1)
         centre = torch.stack([p['cx'], p['cy']], 1).view(n, 2, 1, 1)
         grid = along_x * base.view(1, 1, 1, size) + (along_y * base.view(1, 1, size, 1) + centre)
         x = F.grid_sample(x, grid.permute(0, 2, 3, 1), mode='bilinear', padding_mode='border',
                           align_corners=False)
-        # ((x/255 - m) * contrast + m) * brightness, m the image's mean, as one multiply-add per
-        # pixel
+        # ((x/255 - m) * contrast + m) * brightness, m the image's mean: one multiply-add a pixel
         c, b = p['contrast'].view(-1, 1, 1, 1), p['brightness'].view(-1, 1, 1, 1)
         m = x.mean(dim=(1, 2, 3), keepdim=True) / 255
         x = torch.addcmul(m * b * (1 - c), x, c * b / 255).clamp_(0, 1)
@@ -518,9 +514,8 @@ def to_model_input(x, size, channels, generator=None, strengths=None, flip=False
                           antialias=False)
     if flip:
         x = x.flip(-1)
-    # (x * scale - mean) / std for each channel with Python numbers: on a GPU, a tensor made from a
-    # list (torch.tensor(IMAGENET_MEAN, device=...)) is a blocking copy that stalls the loop every
-    # batch.
+    # (x * scale - mean) / std for each channel with Python numbers: on a GPU, a tensor made from
+    # a list (torch.tensor(IMAGENET_MEAN, device=...)) is a blocking copy that stalls every batch.
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((GREY_MEAN,), (GREY_STD,))
     planes = [x.mul(scale / s).sub_(m / s) for m, s in zip(mean, std)]
     return planes[0] if channels == 1 else torch.cat(planes, 1)  # grey repeated for RGB backbones

@@ -129,13 +129,12 @@ def plot_both(scatter_path, decades_path, age, pred, title):
     plot_error_by_decade(decades_path, age, pred, title)
 
 
-def report(out_dir, age, pred, title, log=print, stem=''):
-    """What every scored set of predictions gets (train.py's validation, cv.py's out-of-fold
-    predictions, predict.py --labels): the two pictures in out_dir (STEMpredictions.png and
-    STEMerror_by_decade.png) and, in the log, the warning of a collapse. Returns the RMSE per
-    decade of true age."""
-    plot_both(os.path.join(out_dir, f'{stem}predictions.png'),
-              os.path.join(out_dir, f'{stem}error_by_decade.png'), age, pred, title)
+def report(out_dir, age, pred, title, log=print):
+    """What a scored set of predictions gets in a run folder (train.py's validation, cv.py's
+    out-of-fold predictions): predictions.png and error_by_decade.png in out_dir and, in the log,
+    the warning of a collapse. Returns the RMSE per decade of true age."""
+    plot_both(os.path.join(out_dir, 'predictions.png'),
+              os.path.join(out_dir, 'error_by_decade.png'), age, pred, title)
     warning = collapse_warning(age, pred)
     if warning:
         log(warning)

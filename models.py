@@ -67,7 +67,6 @@ class AgeRegressor(nn.Module):
         return out.float() * self.y_std + self.y_mean
 
 
-
 @torch.inference_mode()
 def predict_ages(model, images, rows, size, channels, batch_size, device, tta=False):
     """Ages in years for images[rows] (uint8 faces, on any device): THE prediction path, which
@@ -95,6 +94,7 @@ def eval_batch(train_batch, device):
     as the next is computed, so on a GPU it can be large, which saves kernel launches; on the CPU
     larger batches only leave the caches."""
     return max(2 * train_batch, 1024) if device.type == 'cuda' else 2 * train_batch
+
 
 def cnn(outputs=1):
     """Four conv-BN-ReLU-pool blocks, global average pooling and a linear head: the baseline."""
@@ -277,6 +277,11 @@ def distributed(device_name, backend=None, timeout=None):
         yield dist.get_rank(), dist.get_world_size(), device
     finally:
         dist.destroy_process_group()
+
+
+def cpu_cores():
+    """The CPU cores this process may run on (what a job scheduler or taskset allows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

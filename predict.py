@@ -5,8 +5,7 @@
     python predict.py --checkpoint a/best.pt b/best.pt --data data/wiki --no-tta  # two, no flip
     python predict.py --checkpoint runs/r50 --images me.jpg photos/        # your own photos
     python predict.py --checkpoint runs/r50 --images faces/ --labels faces/ages.csv  # score them
-    python predict.py --checkpoint runs/demo-... --data data/demo \
-        --labels data/demo/demo_judge_answers.csv                   # score the demo submission
+    python predict.py --checkpoint runs/demo-... --data data/demo --labels ANSWERS  # see below
 
 --data writes one row per ID of wiki_judge.csv (or of sample_submission.csv when the download has
 one), sorted by ID; a test image that is missing or unreadable still gets a row, the training mean

@@ -39,7 +39,7 @@ from run_control import Diverged, Ending
 # The defaults of every run, a column per model: the flags of the same name start from them
 # (cli.add_train_options), a flag on the command line overrides one entry for one run.
 RECIPE = {
-    #                          cnn             resnet50
+    #                    cnn               resnet50
     'weights':      dict(cnn='none',       resnet50='imagenet'),  # fine-tune what ImageNet taught
     'size':         dict(cnn=48,           resnet50=100),  # px: a small cnn gains more from epochs
     'loss':         dict(cnn='dex',        resnet50='smoothl1'),  # both forgive a wrong label
@@ -65,7 +65,7 @@ AUGMENTATION = ('crop_area', 'crop_aspect', 'rotation', 'flip', 'brightness', 'c
 # What --demo changes: synthetic faces from scratch, sized to finish in minutes on a laptop CPU and
 # ended by epochs (not minutes), so that every machine prints the same numbers. Not the recipe.
 DEMO = {
-    #                          cnn             resnet50
+    #                    cnn               resnet50
     'weights':      dict(cnn='none',       resnet50='none'),  # nothing to download
     'size':         dict(cnn=64,           resnet50=32),
     'lr':           dict(cnn=2e-3,         resnet50=2e-3),
@@ -328,8 +328,8 @@ def lr_factor(step, total_steps, warmup_steps, time_fraction=0.0):
     step = min(max(step, time_fraction * total_steps), total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1,
-                                                                     total_steps - warmup_steps)))
+    decay_steps = max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
 
 
 def train_step(learner, x, y):

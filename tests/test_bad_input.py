@@ -57,8 +57,7 @@ def copy_data(tiny_data, tmp_path, images=True):
     return data
 
 
-# ----------------------------------------------------------------------------- every number flag
-# of every script
+# -------------------------------------------------------------------------------- every number flag
 
 PARSERS = {'train.py': train.build_parser, 'cv.py': cv.build_parser,
            'clean_data.py': clean_data.build_parser,
@@ -226,8 +225,7 @@ def test_an_edited_last_pt_is_refused_naming_it(interrupted_run, tmp_path, capsy
     assert not (run / 'metrics.json').exists()
 
 
-# ----------------------------------------------------------------------------- exit 0 with an
-# empty or wrong result
+# ----------------------------------------------------------------------- exit 0 with a wrong result
 
 def test_an_empty_image_folder_is_an_error_that_says_where_it_looked(tiny_data, tmp_path, capsys):
     # unpacked one level wrong: the folder is there, empty
@@ -261,8 +259,7 @@ def test_predict_never_overwrites_an_input_image(trained, tmp_path, capsys):
     assert 'is an input of this command' in line and photo.read_bytes() == before
 
 
-# ----------------------------------------------------------------------------- messages that
-# mislead
+# ------------------------------------------------------------------------------ misleading messages
 
 def clean_copy(tiny_data, tmp_path, edit):
     """tiny_data with its clean CSV edited by `edit(table)`: the data folder."""

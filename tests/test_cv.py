@@ -35,7 +35,7 @@ def test_grid_expands_every_combination_with_types():
 
 @pytest.mark.parametrize('item',
                          ['lr=abc', 'loss=huber', 'folds=3,5', 'nonsense=1', 'lr',
-                          'no_augment=maybe'])
+                          'no_augment=maybe', 'model=cnn,resnet50'])
 def test_bad_grid_items_are_usage_errors(item):
     with pytest.raises(SystemExit) as e:
         cv.parse_grid(cv.build_parser(), [item])
@@ -191,8 +191,7 @@ def test_training_filters_never_touch_the_validation_fold(tiny_data, tmp_path):
         # the default training filters
         trainable = (rows['face_score'] >= 1) & rows['second_face_score'].isna()
         assert r['n_train'] == int((trainable & (rows['age'] <= 25)).sum())
-        # the zero-skill line: the mean age of those training rows, scored on the fold's test-like
-        # rows
+        # the zero-skill line: those training rows' mean age, scored on the fold's test-like rows
         val_ages = oof[oof['fold'] == k]['age'].to_numpy()
         train_mean = rows['age'][trainable & (rows['age'] <= 25)].mean()
         assert r['mean_rmse'] == pytest.approx(np.sqrt(np.mean((val_ages - train_mean) ** 2)))
@@ -244,7 +243,7 @@ def test_side_by_side_runs_give_what_one_after_another_gives(tiny_data, tmp_path
 
 def test_runs_at_once_and_their_threads():
     parser = cv.build_parser()
-    cores = len(os.sched_getaffinity(0))
+    cores = cv.models.cpu_cores()
     assert cv.parallel_plan(cli_args(parser, []), 1, 5) == (1, None)  # the default: as before
     assert cv.parallel_plan(cli_args(parser, ['--jobs', '2']), 1, 5) == (2, max(1, cores // 2))
     assert cv.parallel_plan(cli_args(parser, ['--jobs', '8']), 1, 3)[0] == 3  # not more than runs

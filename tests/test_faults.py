@@ -161,8 +161,9 @@ def test_damaged_image_cache_is_rebuilt(tmp_path, damage):
     assert ok.all()
     assert any(line.startswith('warning: the image cache') and 'decoding the images again' in line
                for line in lines)
-    third, _ = dataset.load_images(csv, table, str(root), log=lambda *a: pytest.fail('decoded a '
-                                                                                     'third time'))
+    def fail(*a):
+        pytest.fail('decoded a third time')
+    third, _ = dataset.load_images(csv, table, str(root), log=fail)
     np.testing.assert_array_equal(third, first)  # the rebuilt cache is good again
 
 

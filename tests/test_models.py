@@ -82,8 +82,7 @@ def test_unknown_model_and_cnn_imagenet():
         models.build_model('cnn', 'imagenet')
 
 
-# ----------------------------------------------------------------------------- ImageNet from the
-# hub cache
+# ---------------------------------------------------------------------- ImageNet from the hub cache
 
 def test_imagenet_weights_from_hub_cache(tmp_path):
     cache = models.imagenet_cache_file()
@@ -254,5 +253,5 @@ def test_bf16_only_where_the_gpu_computes_it(monkeypatch):
                         lambda including_emulation=True: including_emulation)
     assert models.half_dtype(cuda) == torch.float16  # a T4
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
-    assert models.half_dtype(cuda) == torch.bfloat16  # an A100, an H200
+    assert models.half_dtype(cuda) == torch.bfloat16  # Ampere and newer
     assert models.half_dtype(torch.device('cpu')) is None  # the CPU computes in fp32
