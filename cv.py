@@ -448,7 +448,8 @@ def pool_best(args, best, results, log):
         oof.append(v.assign(fold=k)[['ID', 'fold', 'age', 'prediction']])
     oof = pd.concat(oof).sort_values('ID')
     dataset.write_csv(oof, os.path.join(args.out_dir, 'oof_predictions.csv'))
-    metrics.report(args.out_dir, oof['age'], oof['prediction'],
+    metrics.report(os.path.join(args.out_dir, 'predictions.png'),
+                   os.path.join(args.out_dir, 'error_by_decade.png'), oof['age'], oof['prediction'],
                    f'{args.model}, {name}, out-of-fold ({args.folds} folds)', log)
     checkpoints = [os.path.relpath(os.path.join(cell_dir(args, best, k), 'best.pt'), args.out_dir)
                    for k in range(args.folds)]

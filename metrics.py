@@ -5,7 +5,6 @@ train.py's validation, cv.py's out-of-fold scores and predict.py --labels all sc
 whole arrays of true and predicted ages, so the three report the same number for the same ages.
 """
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -129,12 +128,11 @@ def plot_both(scatter_path, decades_path, age, pred, title):
     plot_error_by_decade(decades_path, age, pred, title)
 
 
-def report(out_dir, age, pred, title, log=print):
-    """What a scored set of predictions gets in a run folder (train.py's validation, cv.py's
-    out-of-fold predictions): predictions.png and error_by_decade.png in out_dir and, in the log,
-    the warning of a collapse. Returns the RMSE per decade of true age."""
-    plot_both(os.path.join(out_dir, 'predictions.png'),
-              os.path.join(out_dir, 'error_by_decade.png'), age, pred, title)
+def report(scatter_path, decades_path, age, pred, title, log=print):
+    """What every scored set of predictions gets (train.py's validation, cv.py's out-of-fold
+    predictions, predict.py --labels): the two pictures and, in the log, the warning of a
+    collapse. Returns the RMSE per decade of true age."""
+    plot_both(scatter_path, decades_path, age, pred, title)
     warning = collapse_warning(age, pred)
     if warning:
         log(warning)

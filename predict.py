@@ -247,15 +247,11 @@ def report_labels(labels_path, truth, pred, out):
     """RMSE, MAE, R^2 and RMSE per decade of the labelled images; the two plots beside `out`."""
     m = metrics.scores(truth, pred)
     print(f'RMSE {m["rmse"]:.3f}  MAE {m["mae"]:.3f}  R^2 {m["r2"]:.3f}  (n={m["n"]})')
-    print('RMSE by decade of the true age: ' + ', '.join(
-        f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name,
-        v in metrics.rmse_by_decade(truth, pred).items()))
-    warning = metrics.collapse_warning(truth, pred)
-    if warning:
-        print(warning)
     stem = os.path.splitext(out)[0]
-    metrics.plot_both(f'{stem}_vs_actual.png', f'{stem}_by_decade.png', truth, pred,
-                      f'{os.path.basename(labels_path)}, {len(truth)} labelled images')
+    by_decade = metrics.report(f'{stem}_vs_actual.png', f'{stem}_by_decade.png', truth, pred,
+                               f'{os.path.basename(labels_path)}, {len(truth)} labelled images')
+    print('RMSE by decade of the true age: ' + ', '.join(
+        f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name, v in by_decade.items()))
     print(f'wrote {stem}_vs_actual.png and {stem}_by_decade.png')
 
 

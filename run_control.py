@@ -260,7 +260,6 @@ def restore(run, resume):
         raise models.CheckpointError(f'{run.out_dir}/last.pt does not fit this run '
                                      f'({type(e).__name__}: '
                                      f'{str(e).splitlines()[0][:200]})') from None
-    run.schedule.begin(run.args.time_limit, epochs_before=len(run.progress.history))
     try:
         if learner.aug is not None:
             learner.aug.set_state(resume['aug_rng'])

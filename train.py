@@ -83,6 +83,7 @@ def fit(args, rows, out_dir, device, resume=None, log=print, rank=0, world=1):
     run = start_run(args, rows, out_dir, device, rank, world, log)
     if resume is not None:
         run_control.restore(run, resume)
+    run.schedule.begin(args.time_limit, epochs_before=len(run.progress.history))
     log_start(run)
     ending = Ending.COMPLETED
     with run_control.Signals.catching():
@@ -188,7 +189,6 @@ def start_run(args, rows, out_dir, device, rank, world, log):
                         epochs=args.epochs or math.inf,
                         total_steps=total,
                         warmup_steps=warmup_steps(total, steps_per_epoch, recipe))
-    schedule.begin(args.time_limit, epochs_before=0)
     return Run(args=args, rows=rows, learner=learner, schedule=schedule,
                progress=run_control.Progress(),
                out_dir=out_dir, device=device, rank=rank, world=world, log=log)
@@ -429,8 +429,10 @@ def finish(run, ending):
                                             'prediction': pred}),
                               os.path.join(run.out_dir, 'val_predictions.csv'))
             title = f'{run.args.model}, validation, best epoch {p.best_epoch}'
-            result['rmse_by_decade'] = metrics.report(run.out_dir, rows.val_ages, pred, title,
-                                                      run.log)
+            result['rmse_by_decade'] = metrics.report(
+                os.path.join(run.out_dir, 'predictions.png'),
+                os.path.join(run.out_dir, 'error_by_decade.png'), rows.val_ages, pred, title,
+                run.log)
         dataset.write_json(result, os.path.join(run.out_dir, 'metrics.json'))
         last = os.path.join(run.out_dir, 'last.pt')
         if os.path.exists(last):  # the run is complete: nothing to resume
