@@ -118,10 +118,6 @@ def augmentation(model):
     return {key: train.RECIPE[key][model] for key in train.AUGMENTATION}
 
 
-def dtype_name(device):
-    return {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[models.half_dtype(device)]
-
-
 class PILFaces(torch.utils.data.Dataset):
     """The per-image pipeline most tutorials write, for comparison: open the PNG with PIL, then
     torchvision transforms with the recipe's augmentation strengths (train.RECIPE)."""
@@ -243,7 +239,7 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
     return result['train_img_per_s'], peak_gb
 
 
-def bench_predict(args, model, images, channels, device):
+def bench_predict(args, model, images, channels, device, precision):
     """models.predict_ages over enough rows (repeated) to fill --seconds, at the batch fit
     validates with."""
     batch = models.eval_batch(args.batch_size, device)
@@ -251,7 +247,8 @@ def bench_predict(args, model, images, channels, device):
     def run(n):
         rows = np.resize(np.arange(len(images)), n)
         t = clock(device)
-        models.predict_ages(model, images, rows, args.size, channels, batch, device, tta=False)
+        models.predict_ages(model, images, rows, args.size, channels, batch, device, tta=False,
+                            precision=precision)
         return clock(device) - t
 
     run(batch)  # warm-up: eval-mode kernels are chosen on the first call
@@ -292,11 +289,14 @@ def build_parser():
     number = cli.number
     parser.add_argument('--model', default='resnet50', choices=models.MODELS, help='network')
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
-                        default=100,
-                        help='model input size in pixels')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=128,
-                        help='images per step')
+                        help='model input size in pixels (default: train.RECIPE\'s, '
+                             f'{cli.per_model(train.RECIPE, "size")})')
+    parser.add_argument('--batch-size', type=number(int, at_least=1),
+                        help='images per step (default: train.RECIPE\'s, '
+                             f'{cli.per_model(train.RECIPE, "batch_gpu")} on a GPU, '
+                             f'{cli.per_model(train.RECIPE, "batch_cpu")} on the CPU)')
     cli.add_device(parser)
+    cli.add_precision(parser)
     parser.add_argument('--data', help='a Kaggle folder (wiki_labels.csv, wiki_labeled/); default: '
                                        'synthetic faces')
     parser.add_argument('--n', type=number(int, at_least=2), default=2000,
@@ -336,23 +336,31 @@ def build_parser():
     return parser
 
 
-def training_options(args):
+def training_options(args, precision):
     """fit's own options, parsed by train.py's parser with its per-model defaults (the loss among
     them), so they stay in step with it. Weights 'none': speed does not depend on them, and the
     ImageNet file may not be on this machine."""
     return cli.parse_args(train.build_parser(), [
         '--model', args.model, '--weights', 'none', '--size', str(args.size), '--batch-size',
-        str(args.batch_size),
+        str(args.batch_size), '--precision', precision,
         '--device', args.device, '--epochs', '1', '--patience', '1000000', '--log-every', '1000000',
         '--seed', str(args.seed), '--ema',
         str(args.ema)] + (['--compile', args.compile] if args.compile else []))
 
 
-def measure_all(args, train_args, device, log):
-    """Every row of the table: {name: (calls or images, seconds)}, the FLOPs of a step, the loop's
-    images/s and its peak GPU memory."""
+def precisions_to_time(args, device):
+    """[(precision, why)]: the one --precision gives; on a CPU whose auto choice is bf16, fp32 first
+    too, so that the table shows what bf16 gains there."""
+    chosen = models.choose_precision(args.precision, device)
+    if args.precision == 'auto' and device.type == 'cpu' and chosen[0] == 'bf16':
+        return [('fp32', 'for comparison'), chosen]
+    return [chosen]
+
+
+def measure_all(args, device, log):
+    """Every row of the table: {name: (calls or images, seconds)} for the input pipelines, and for
+    each precision timed {precision: its figures} (measure_precision)."""
     channels = models.INPUT_CHANNELS[args.model]
-    fit_log = lambda *a: print('  train.fit:', *a, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         paths, table, images_np = load_faces(args, tmp, log)
         images = dataset.place_images(images_np, device, log)
@@ -363,26 +371,42 @@ def measure_all(args, train_args, device, log):
         log(f'measuring the input pipeline (naive, {args.workers} workers) ...')
         timed['naive'] = bench_naive(args, paths, table['age'].to_numpy(dtype=np.float32), channels,
                                      device)
-        log('measuring the bare train step ...')
-        eager_args = argparse.Namespace(**{**vars(train_args), 'compile': None})
-        model, step_calls, step_s, flops, _ = bench_step(args, eager_args, images, ages, channels,
-                                                         device)
-        timed['step'] = step_calls, step_s
-        if args.compile:
-            log(f'measuring the bare train step, compiled ({args.compile}) ...')
-            *_, calls, seconds, _, first = bench_step(args, train_args, images, ages, channels,
+        by_precision = {}
+        for precision, why in precisions_to_time(args, device):
+            log(f'in {precision} ({why}):')
+            by_precision[precision] = measure_precision(args, precision, images, table, ages,
+                                                        device, tmp, log)
+    return timed, by_precision, len(images)
+
+
+def measure_precision(args, precision, images, table, ages, device, tmp, log):
+    """The bare train step (and compiled, with --compile), prediction and the train loop, in one
+    precision: {'step': (calls, seconds), 'compiled': (calls, seconds, first step's seconds),
+    'predict': (images, seconds), 'flops', 'loop_steps', 'loop_img_per_s', 'peak_gb'}."""
+    channels = models.INPUT_CHANNELS[args.model]
+    train_args = training_options(args, precision)
+    fit_log = lambda *a: print('  train.fit:', *a, flush=True)  # noqa: E731
+    out = {}
+    log('measuring the bare train step ...')
+    eager_args = argparse.Namespace(**{**vars(train_args), 'compile': None})
+    model, calls, seconds, out['flops'], _ = bench_step(args, eager_args, images, ages, channels,
+                                                        device)
+    out['step'] = calls, seconds
+    if args.compile:
+        log(f'measuring the bare train step, compiled ({args.compile}) ...')
+        *_, c_calls, c_seconds, _, first = bench_step(args, train_args, images, ages, channels,
                                                       device)
-            timed['compiled'] = calls, seconds, first
-        log('measuring prediction ...')
-        timed['predict'] = bench_predict(args, model, images, channels, device)
-        del model  # free its memory before the loop's peak is measured
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-        loop_steps = args.steps or max(args.min_loop_steps, step_calls)
-        log(f'measuring the train loop (train.fit, {loop_steps} steps) ...')
-        loop_speed, peak_gb = bench_loop(args, train_args, images, table, device, loop_steps, tmp,
-                                         fit_log)
-    return timed, flops, loop_steps, loop_speed, peak_gb, len(images)
+        out['compiled'] = c_calls, c_seconds, first
+    log('measuring prediction ...')
+    out['predict'] = bench_predict(args, model, images, channels, device, precision)
+    del model  # free its memory before the loop's peak is measured
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    out['loop_steps'] = args.steps or max(args.min_loop_steps, calls)
+    log(f'measuring the train loop (train.fit, {out["loop_steps"]} steps) ...')
+    out['loop_img_per_s'], out['peak_gb'] = bench_loop(args, train_args, images, table, device,
+                                                       out['loop_steps'], tmp, fit_log)
+    return out
 
 
 def measure_training(args, train_args, device, log):
@@ -450,62 +474,87 @@ def side_by_side(args, argv, log):
             'one_process': one, 'one_thread_processes': each, 'load_average': load_average()}
 
 
-def report(args, train_args, device, measured, load_before, start):
-    """The figures as a dict (what --json writes), and the table on stdout."""
-    timed, flops, loop_steps, loop_speed, peak_gb, n_images = measured
+def precision_figures(args, device, m):
+    """One precision's images per second (and TFLOP/s, MFU) from measure_precision's figures."""
+    step_calls, step_s = m['step']
+    f = {'step_img_per_s': step_calls * args.batch_size / step_s, 'step_steps': step_calls,
+         'step_tflops': m['flops'] * step_calls / step_s / 1e12,
+         'loop_img_per_s': m['loop_img_per_s'], 'loop_steps': m['loop_steps'],
+         'predict_img_per_s': m['predict'][0] / m['predict'][1], 'peak_mem_gb': m['peak_gb'],
+         'step_compiled_img_per_s': None, 'compile_first_step_s': None,
+         'flops_per_step': m['flops']}
+    if 'compiled' in m:
+        f['step_compiled_img_per_s'] = m['compiled'][0] * args.batch_size / m['compiled'][1]
+        f['compile_first_step_s'] = m['compiled'][2]
+    f['loop_ratio'] = f['loop_img_per_s'] / f['step_img_per_s']
+    f['mfu'] = f['step_tflops'] / args.peak_tflops if device.type == 'cuda' else None
+    return f
+
+
+def precision_rows(args, device, precision, f, fp32):
+    """The table's rows of one precision; ratio against fp32 where fp32 was timed too."""
+    def vs(key):
+        return f'{f[key] / fp32[key]:.2f}x' if fp32 is not None and fp32 is not f else ''
+    eval_batch = models.eval_batch(args.batch_size, device)
+    rows = [(f'train step, {precision}', f['step_img_per_s'], vs('step_img_per_s'),
+             f'eager, one fixed batch, {f["step_steps"]} steps after {args.warmup} warm-up, '
+             f'{f["step_tflops"]:.2f} TFLOP/s')]
+    if f['step_compiled_img_per_s']:
+        rows.append((f'  compiled, {precision}', f['step_compiled_img_per_s'],
+                     f'{f["step_compiled_img_per_s"] / f["step_img_per_s"]:.2f}',
+                     f'--compile {args.compile}, its first step (compiling) '
+                     f'{f["compile_first_step_s"]:.1f} s; ratio: compiled / eager'))
+    rows += [(f'train loop, {precision}', f['loop_img_per_s'], vs('loop_img_per_s'),
+              f'train.fit, {f["loop_steps"]} steps after a {args.warmup}-step warm-up fit; '
+              f'{f["loop_ratio"]:.2f} of the step'),
+             (f'predict, {precision}', f['predict_img_per_s'], vs('predict_img_per_s'),
+              f'models.predict_ages, batch {eval_batch}')]
+    return rows
+
+
+def report(args, device, measured, load_before, start):
+    """The figures as a dict (what --json writes: the top-level figures are those of the last
+    precision timed, --precision's choice), and the table on stdout."""
+    timed, by_precision, n_images = measured
     speed = {k: timed[k][0] * args.batch_size / timed[k][1] for k in timed}
-    ours, naive, step = speed['ours'], speed['naive'], speed['step']
-    compiled = speed.get('compiled')
-    startup = timed['compiled'][2] if 'compiled' in timed else None
-    step_calls = timed['step'][0]
-    step_tflops = flops * step_calls / timed['step'][1] / 1e12
-    mfu = step_tflops / args.peak_tflops if device.type == 'cuda' else None
-    predict_speed = timed['predict'][0] / timed['predict'][1]
-    dtype = dtype_name(device)
+    ours, naive = speed['ours'], speed['naive']
+    figures = {p: precision_figures(args, device, m) for p, m in by_precision.items()}
+    chosen = list(figures)[-1]
     result = {
         'model': args.model, 'size': args.size, 'batch_size': args.batch_size,
-        'compile': train_args.compile,
-        'ema': train_args.ema, 'device': str(device),
-        'device_name': device_name(device), 'dtype': dtype, 'torch': torch.__version__,
+        'compile': args.compile, 'ema': args.ema, 'device': str(device),
+        'device_name': device_name(device), 'precision': chosen, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'cpu_threads': torch.get_num_threads(),
         'cpu_count': os.cpu_count(),
         'workers': args.workers, 'n_images': n_images, 'data': args.data or 'synthetic',
         'pipeline_ours_img_per_s': ours, 'pipeline_naive_img_per_s': naive,
-        'pipeline_ratio': ours / naive,
-        'step_img_per_s': step, 'step_steps': step_calls, 'step_compiled_img_per_s': compiled,
-        'compile_first_step_s': startup, 'loop_img_per_s': loop_speed, 'loop_steps': loop_steps,
-        'loop_ratio': loop_speed / step, 'predict_img_per_s': predict_speed,
-        'flops_per_step': flops, 'step_tflops': step_tflops, 'mfu': mfu,
-        'peak_tflops': args.peak_tflops if device.type == 'cuda' else None, 'peak_mem_gb': peak_gb,
+        'pipeline_ratio': ours / naive, **figures[chosen], 'by_precision': figures,
+        'peak_tflops': args.peak_tflops if device.type == 'cuda' else None,
         'load_before': load_before, 'load_after': load_average(), 'seconds': time.time() - start,
     }
     extras = f', compile {args.compile}' if args.compile else ''
     extras += f', EMA {args.ema:g}' if args.ema else ''
-    print(f'\n{args.model}, size {args.size}, batch {args.batch_size}{extras}, {dtype} on '
-          f'{device}: {result["device_name"]}')
+    print(f'\n{args.model}, size {args.size}, batch {args.batch_size}{extras}, on {device}: '
+          f'{result["device_name"]}')
     print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, '
           f'{torch.get_num_threads()} CPU threads (of {os.cpu_count()}), load average '
           f'{load_before} before, {result["load_after"]} after, {n_images} '
           f'{"images from " + args.data if args.data else "synthetic faces"}')
-    print_table([
-        ('pipeline (ours)', ours, f'{ours / naive:.1f}x',
-         f'uint8 on {device.type}, to_model_input, {timed["ours"][0]} batches'),
-        ('pipeline (naive)', naive, '', 'PIL + torchvision, DataLoader with '
-                                        f'{args.workers} workers, {timed["naive"][0]} batches'),
-        ('train step', step, '', f'eager, one fixed batch, {step_calls} steps after '
-                                 f'{args.warmup} warm-up, {step_tflops:.2f} TFLOP/s'),
-        *([('train step, compiled', compiled, f'{compiled / step:.2f}',
-             f'--compile {args.compile}, its first step (compiling) {startup:.1f} s')]
-          if compiled else []),
-        ('train loop', loop_speed, f'{loop_speed / step:.2f}',
-         f'train.fit, {loop_steps} steps after a {args.warmup}-step warm-up fit'),
-        ('predict', predict_speed, '', 'models.predict_ages, batch '
-                                       f'{models.eval_batch(args.batch_size, device)}, '
-                                       f'{timed["predict"][0]} images'),
-    ])
+    rows = [('pipeline (ours)', ours, f'{ours / naive:.1f}x',
+             f'uint8 on {device.type}, to_model_input, {timed["ours"][0]} batches'),
+            ('pipeline (naive)', naive, '', 'PIL + torchvision, DataLoader with '
+                                            f'{args.workers} workers, {timed["naive"][0]} batches')]
+    for precision, f in figures.items():
+        rows += precision_rows(args, device, precision, f, figures.get('fp32'))
+    print_table(rows)
+    if device.type == 'cpu' and list(figures) == ['fp32'] and args.precision == 'auto':
+        print('bf16 not timed: this CPU has no native bf16 (AVX512-BF16 or AMX) and would emulate '
+              'it, far slower; --precision bf16 times it anyway')
     if device.type == 'cuda':
-        print(f'MFU {100 * mfu:.1f}% ({step_tflops:.0f} of {args.peak_tflops:g} TFLOP/s, '
-              f'{flops / 1e9:.1f} GFLOP per step); peak memory in the loop {peak_gb:.2f} GB')
+        f = figures[chosen]
+        print(f'MFU {100 * f["mfu"]:.1f}% ({f["step_tflops"]:.0f} of {args.peak_tflops:g} TFLOP/s, '
+              f'{f["flops_per_step"] / 1e9:.1f} GFLOP per step); peak memory in the loop '
+              f'{f["peak_mem_gb"]:.2f} GB')
     return result
 
 
@@ -515,29 +564,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
+    args.size = args.size or train.RECIPE['size'][args.model]
     cli.check_size(parser, args)
     cli.refuse_overwriting_inputs(parser, '--json', args.json,
                                   [args.data and os.path.join(args.data, 'wiki_labels.csv')])
 
     def work():
         device = models.pick_device(args.device)
+        on = 'batch_cpu' if device.type == 'cpu' else 'batch_gpu'
+        args.batch_size = args.batch_size or train.RECIPE[on][args.model]
         if args.seconds is None:
             args.seconds = 5.0 if device.type == 'cpu' else 10.0
-        train_args = training_options(args)
-        dtype = dtype_name(device)
         log = lambda *a: print(*a, flush=True)  # noqa: E731
         load_before, start = load_average(), time.time()
         log(f'bench: {args.model}, size {args.size}, batch {args.batch_size}, device '
-            f'{device} ({device_name(device)}), {dtype}, load average {load_before}')
+            f'{device} ({device_name(device)}), load average {load_before}')
         if args.training_only:
-            result = measure_training(args, train_args, device, log)
+            precision = models.choose_precision(args.precision, device)[0]
+            result = measure_training(args, training_options(args, precision), device, log)
         elif args.side_by_side:
             if device.type != 'cpu':
                 raise dataset.UserError('--side-by-side compares CPU threads: use --device cpu')
             result = side_by_side(args, [a for a in argv if a != '--side-by-side'], log)
         else:
-            result = report(args, train_args, device, measure_all(args, train_args, device, log),
-                            load_before, start)
+            result = report(args, device, measure_all(args, device, log), load_before, start)
         if args.json:
             dataset.write_json(result, args.json)
             print(f'wrote {args.json}')

@@ -22,7 +22,7 @@ DEVICES = ('auto', 'cpu', 'cuda', 'mps')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 DEMO_DIR = os.path.join('data', 'demo')
 # Options that say how to run, not what to train: they may change when a run is resumed.
-HOW_TO_RUN = ('device', 'time_limit', 'log_every', 'threads')
+HOW_TO_RUN = ('device', 'precision', 'time_limit', 'log_every', 'threads')
 # The options whose default is the model's column in the recipe table (train.RECIPE).
 PER_MODEL = ('weights', 'size', 'loss', 'lr', 'backbone_lr', 'weight_decay', 'epochs')
 
@@ -68,6 +68,14 @@ def number(kind=float, at_least=None, above=None, at_most=None, below=None, minu
 
 def add_device(parser, help='where to run'):
     parser.add_argument('--device', default='auto', choices=DEVICES, help=help)
+
+
+def add_precision(parser):
+    parser.add_argument('--precision', default='auto', choices=models.PRECISIONS,
+                        help='what the convolutions compute in; auto: bf16 where the device '
+                             'computes it natively (a CPU with AVX512-BF16 or AMX, an Ampere or '
+                             'newer GPU), fp16 with loss scaling on older GPUs, else fp32 (and '
+                             'fp32 with --demo)')
 
 
 def add_compile(parser, help):
@@ -118,6 +126,7 @@ def add_train_options(parser, recipe, demo):
     parser.add_argument('--seed', type=number(int, at_least=0), default=0,
                         help='seed of the split, the initial weights and the draws')
     add_device(parser, help='where to train')
+    add_precision(parser)
     parser.add_argument('--threads', type=number(int, at_least=1),
                         help="CPU threads of a run (default: torch's, one per core; with cv.py "
                              '--jobs N, the cores shared among the N runs that train at once)')

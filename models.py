@@ -62,17 +62,20 @@ class AgeRegressor(nn.Module):
         return out if self.bins else out.squeeze(1)
 
     def ages(self, out):
-        if self.bins:  # DEX: the expected value of the softmax over the ages 0..100
-            return torch.softmax(out.float(), dim=1) @ self.bin_ages
-        return out.float() * self.y_std + self.y_mean
+        # in fp32 under any autocast: bf16 would round an age of 60 to a quarter of a year
+        with torch.autocast(out.device.type, enabled=False):
+            if self.bins:  # DEX: the expected value of the softmax over the ages 0..100
+                return torch.softmax(out.float(), dim=1) @ self.bin_ages
+            return out.float() * self.y_std + self.y_mean
 
 
 @torch.inference_mode()
-def predict_ages(model, images, rows, size, channels, batch_size, device, tta=False):
+def predict_ages(model, images, rows, size, channels, batch_size, device, tta=False,
+                 precision='fp32'):
     """Ages in years for images[rows] (uint8 faces, on any device): THE prediction path, which
     train.py's validation, cv.py's out-of-fold scores and predict.py share, so a checkpoint gives
     the same ages everywhere. tta=True averages each face with its mirror image. Clipped to the
-    ages the clean data holds."""
+    ages the clean data holds. A checkpoint predicts in any precision: its weights are fp32."""
     model.eval()
     out = []
     rows = torch.as_tensor(rows)
@@ -82,7 +85,7 @@ def predict_ages(model, images, rows, size, channels, batch_size, device, tta=Fa
         x_u8 = images.index_select(0, idx).to(device, non_blocking=True)
         total = 0
         for flip in views:
-            with autocast(device):
+            with autocast(device, precision):
                 x = dataset.to_model_input(x_u8, size, channels, flip=flip)
                 total = total + model.ages(model(x))
         out.append((total / len(views)).clamp(*dataset.AGE_RANGE))
@@ -195,8 +198,9 @@ def make_criterion(name, y_mean, y_std, dex_sigma):
     return LOSSES[name](y_mean, y_std, dex_sigma) if name == 'dex' else LOSSES[name]()
 
 
-def build_optimizer(model, lr, backbone_lr, weight_decay, device):
-    """AdamW (its fused kernel on CUDA and the CPU) and the loss scaler, which only fp16 needs.
+def build_optimizer(model, lr, backbone_lr, weight_decay, device, precision='fp32'):
+    """AdamW (its fused kernel on CUDA and the CPU) and the loss scaler, which only fp16 needs (its
+    smallest number is 6e-8: small gradients would vanish unscaled).
     Four parameter groups: the head (at lr) and the backbone (at backbone_lr), each split into
     conv/linear weights, which decay, and norm-layer weights and biases, which do not (decaying
     those only shrinks what normalisation sets, as nanoGPT's optimizer set-up notes)."""
@@ -210,7 +214,7 @@ def build_optimizer(model, lr, backbone_lr, weight_decay, device):
         groups.append({'params': params, 'lr': rate, 'initial_lr': rate,
                        'weight_decay': weight_decay if decays else 0.0})
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type in ('cuda', 'cpu'))
-    scaler = torch.amp.GradScaler('cuda', enabled=half_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler('cuda', enabled=precision == 'fp16')
     return optimizer, scaler
 
 
@@ -233,19 +237,48 @@ def pick_device(name):
     return torch.device(name)
 
 
-def half_dtype(device):
-    """The autocast dtype on `device`: bf16 on GPUs that compute it (Ampere and newer: the range of
-    fp32, so no loss scaling), fp16 with loss scaling on older ones such as Kaggle's T4 and P100
-    (torch would emulate bf16 there, slowly); None on the CPU, which computes in fp32 (a CPU
-    without native bf16 emulates it, slowly)."""
-    if device.type != 'cuda':
-        return None
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.bfloat16 if native_bf16 else torch.float16
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # None: no autocast
 
 
-def autocast(device):
-    dtype = half_dtype(device)
+def cpu_bf16_unit():
+    """The unit that makes this CPU compute bf16 natively ('AVX512-BF16' or 'AMX'), or None:
+    without one, torch emulates bf16 and runs far slower than in fp32."""
+    if torch.cpu._is_avx512_bf16_supported():
+        return 'AVX512-BF16'
+    return 'AMX' if torch.cpu._is_amx_tile_supported() else None
+
+
+def choose_precision(name, device, demo=False):
+    """--precision: (the precision a run computes in, why). 'auto' takes bf16 where the device
+    computes it natively (a CPU with AVX512-BF16 or AMX, a GPU of the Ampere generation or newer),
+    fp16 with loss scaling on older GPUs such as Kaggle's T4 and P100, and fp32 elsewhere; --demo
+    stays in fp32, so that every machine prints the same numbers."""
+    if name == 'fp16' and device.type != 'cuda':
+        raise dataset.UserError(f'--precision fp16 needs a CUDA GPU (this run is on '
+                                f'{device.type}); use bf16 or fp32')
+    if name != 'auto':
+        return name, f'--precision {name}'
+    if demo:
+        return 'fp32', '--demo computes in fp32 on every machine, so that all print the same numbers'
+    if device.type == 'cuda':
+        gpu = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return 'bf16', f'the GPU ({gpu}) computes bf16'
+        return 'fp16', f'the GPU ({gpu}) has no bf16: fp16 with loss scaling'
+    if device.type == 'cpu':
+        unit = cpu_bf16_unit()
+        if unit:
+            return 'bf16', f'this CPU has {unit}'
+        return 'fp32', 'this CPU has no native bf16 (AVX512-BF16 or AMX), which it would emulate'
+    return 'fp32', f'the default on {device.type}'
+
+
+def autocast(device, precision):
+    """Autocast to the precision's dtype (fp32: none). Parameters, AdamW's state and BatchNorm's
+    running statistics stay fp32 either way; autocast only runs the matrix products and
+    convolutions in the lower precision."""
+    dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 

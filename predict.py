@@ -53,7 +53,7 @@ def load_model(path, device):
     return models.place(model, device), ckpt
 
 
-def ensemble_ages(checkpoints, images, device, batch_size, tta):
+def ensemble_ages(checkpoints, images, device, batch_size, tta, precision='fp32'):
     """Ages for every image (uint8 tensor (N, 100, 100)), the mean over the models; and the mean
     and sd of the models' training ages (the guess for a face that cannot be read, and the spread
     predictions should have)."""
@@ -62,7 +62,7 @@ def ensemble_ages(checkpoints, images, device, batch_size, tta):
         model, ckpt = load_model(path, device)
         total += models.predict_ages(model, images, np.arange(len(images)), ckpt['size'],
                                      ckpt['channels'],
-                                     batch_size, device, tta=tta)
+                                     batch_size, device, tta=tta, precision=precision)
         mean_age += ckpt['y_mean'] / len(checkpoints)
         sd = ckpt.get('y_std')  # not needed to rebuild a model, so not checked on loading
         sd_age += sd / len(checkpoints) if isinstance(sd, float) and math.isfinite(sd) else 0.0
@@ -118,8 +118,7 @@ def kaggle_submission(args, files, checkpoints, device):
                                                         p) for p in judge['path']])
     bad = np.array([not dataset.usable(p) for p in problems])
     age, mean_age, sd_age = ensemble_ages(checkpoints, torch.from_numpy(images), device,
-                                          args.batch_size,
-                                          not args.no_tta)
+                                          args.batch_size, not args.no_tta, args.precision)
     if bad.any():
         age[bad] = mean_age  # the RMSE-optimal guess without a picture
         print(f'warning: {int(bad.sum())} test image(s) missing or unreadable, predicted the '
@@ -175,7 +174,7 @@ def photo_predictions(args, files, checkpoints, device):
                                 f'{problems[0]})')
     age = np.full(len(files), np.nan)
     age[ok], *_ = ensemble_ages(checkpoints, torch.from_numpy(images[ok]), device, args.batch_size,
-                                not args.no_tta)
+                                not args.no_tta, args.precision)
     width = max(len(f) for f in files)
     print(f'\n{"file":<{width}}  age')
     for path, a, problem in zip(files, age, problems):
@@ -274,6 +273,7 @@ def build_parser():
     parser.add_argument('--no-tta', action='store_true',
                         help='no horizontal-flip test-time augmentation')
     cli.add_device(parser)
+    cli.add_precision(parser)
     return parser
 
 
@@ -284,6 +284,8 @@ def main(argv=None):
 
     def work():
         device = models.pick_device(args.device)
+        args.precision, why = models.choose_precision(args.precision, device)
+        print(f'predicting on {device} in {args.precision} ({why})', flush=True)
         checkpoints = checkpoint_files(args.checkpoint)
         labels = read_age_labels(args.labels,
                                  'ID' if args.data else 'file') if args.labels else None

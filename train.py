@@ -131,6 +131,8 @@ class Learner:
     criterion: nn.Module
     aug: torch.Generator         # the augmentation draws; None with --no-augment
     augment: dict                # the augmentation strengths of the recipe
+    precision: str               # 'fp32', 'bf16' or 'fp16': what autocast computes in
+    precision_why: str           # why that one (--precision auto chooses by the device)
 
     def evaluated(self):
         """The model that is validated and saved in best.pt: the moving average with --ema."""
@@ -247,13 +249,15 @@ def build_learner(args, recipe, age_mean, age_std, device, world=1, log=print):
     if args.ema:
         average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema)
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    precision, why = models.choose_precision(args.precision, device, args.demo)
     optimizer, scaler = models.build_optimizer(model, args.lr, backbone_lr(args), args.weight_decay,
-                                               device)
+                                               device, precision)
     criterion = models.make_criterion(args.loss, age_mean, age_std, recipe['dex_sigma'])
     return Learner(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scaler=scaler,
                    criterion=criterion,
                    aug=None if args.no_augment else torch.Generator(device=device),
-                   augment={key: recipe[key] for key in AUGMENTATION})
+                   augment={key: recipe[key] for key in AUGMENTATION}, precision=precision,
+                   precision_why=why)
 
 
 def backbone_lr(args):
@@ -273,10 +277,12 @@ def log_start(run):
         f'epochs until the {args.time_limit:g}-minute limit'
     processes = f', {run.world} processes' if run.world > 1 else ''
     ema = f', EMA {args.ema:g}' if args.ema else ''
+    learner = run.learner
     run.log(f'training {args.model} on {len(run.rows.train)} images, validating on '
             f'{len(run.rows.val)} ({s.steps_per_epoch} steps/epoch x {length}, batch '
-            f'{s.batch * run.world}, device {run.device}{processes}); peak learning rate {lr}, '
-            f'loss {args.loss}{ema}, validation TTA {"off" if args.no_tta else "on"}')
+            f'{s.batch * run.world}, device {run.device}{processes}, {learner.precision}: '
+            f'{learner.precision_why}); peak learning rate {lr}, loss {args.loss}{ema}, '
+            f'validation TTA {"off" if args.no_tta else "on"}')
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -334,7 +340,7 @@ def lr_factor(step, total_steps, warmup_steps, time_fraction=0.0):
 
 def train_step(learner, x, y):
     """Forward, loss, backward, optimizer step. Returns the loss as a tensor (no GPU sync)."""
-    with models.autocast(x.device):
+    with models.autocast(x.device, learner.precision):
         out = learner.step_model(x)
     loss = learner.criterion(out.float(), y)
     learner.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +367,7 @@ def evaluate(run):
         batch = models.eval_batch(run.schedule.batch, run.device)
         pred = models.predict_ages(run.learner.evaluated(), rows.images, rows.val, args.size,
                                    models.INPUT_CHANNELS[args.model], batch, run.device,
-                                   tta=not args.no_tta).numpy()
+                                   tta=not args.no_tta, precision=run.learner.precision).numpy()
         scores = metrics.scores(rows.val_ages, pred)
         clean = rows.val_clean
         clean_rmse = metrics.scores(rows.val_ages[clean], pred[clean])['rmse']
@@ -415,7 +421,8 @@ def finish(run, ending):
               'train_img_per_s': p.train_images / max(p.train_seconds, 1e-9),
               'seconds': run.schedule.elapsed(), 'n_train': len(rows.train), 'n_val': len(rows.val),
               'device': str(run.device), 'world_size': run.world, 'model': run.args.model,
-              'size': run.args.size}
+              'size': run.args.size, 'precision': run.learner.precision,
+              'precision_why': run.learner.precision_why}
     pred = None
     if len(rows.val):
         if run.rank == 0:

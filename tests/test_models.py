@@ -242,16 +242,3 @@ def test_load_checkpoint_round_trip(tmp_path):
     for name, value in ckpt['model'].items():
         torch.testing.assert_close(loaded['model'][name], value, rtol=0, atol=0)
     assert os.listdir(tmp_path) == ['best.pt']
-
-
-def test_bf16_only_where_the_gpu_computes_it(monkeypatch):
-    """A T4 or P100 (Kaggle's GPUs) has no bf16 units: torch would emulate it, slowly, and its
-    is_bf16_supported() says True unless asked without emulation. Those get fp16 (with loss
-    scaling)."""
-    cuda = torch.device('cuda')
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
-                        lambda including_emulation=True: including_emulation)
-    assert models.half_dtype(cuda) == torch.float16  # a T4
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
-    assert models.half_dtype(cuda) == torch.bfloat16  # Ampere and newer
-    assert models.half_dtype(torch.device('cpu')) is None  # the CPU computes in fp32
