@@ -1,8 +1,6 @@
 """The two models: `cnn`, the plain baseline a course writes first, and `resnet50` (torchvision,
 ImageNet-pretrained when the weights are on disk) with a one-number regression head.
 
-    python models.py                 # parameter counts and output shapes of both
-
 Both predict the age standardised by the training set's mean and standard deviation, which are
 stored in the model as buffers, so a checkpoint alone maps outputs back to years. Also here: the
 losses (DEX's beside its head), the optimizer, THE prediction path (`predict_ages`), where and
@@ -12,7 +10,6 @@ whose fields are checked once, when they are loaded.
 import contextlib
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -99,16 +96,23 @@ def eval_batch(train_batch, device):
     return max(2 * train_batch, 1024) if device.type == 'cuda' else 2 * train_batch
 
 
-def cnn(outputs=1):
-    """Four conv-BN-ReLU-pool blocks, global average pooling and a linear head: the baseline."""
+def cnn(widths, dropout, outputs=1):
+    """A conv-BN-ReLU-pool block for each of `widths` (its channels), global average pooling,
+    dropout and a linear head: the baseline."""
     layers, c_in = [], 1
-    for c_out in (32, 64, 128, 256):
+    for c_out in widths:
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
                    nn.ReLU(inplace=True),
                    nn.MaxPool2d(2)]
         c_in = c_out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-                         FP32Linear(256, outputs))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         FP32Linear(c_in, outputs))
+
+
+def cnn_widths(state):
+    """The widths of the cnn whose state dict this is: the output channels of its convolutions,
+    so that a checkpoint alone rebuilds the network it holds."""
+    return [v.shape[0] for k, v in state.items() if k.endswith('.weight') and v.dim() == 4]
 
 
 def resnet50(weights='imagenet', outputs=1):
@@ -149,15 +153,17 @@ def resnet50(weights='imagenet', outputs=1):
     return net
 
 
-def build_model(name, weights='none', y_mean=0.0, y_std=1.0, bins=0):
+def build_model(name, weights='none', y_mean=0.0, y_std=1.0, bins=0, widths=None, dropout=0.0):
     """The model `name` with a one-number head, or with bins > 0 a head of one logit per year
-    (DEX)."""
+    (DEX). The cnn's shape (widths, dropout) is train.RECIPE's; ResNet-50's is torchvision's."""
     outputs = bins or 1
     if name == 'cnn':
         if weights == 'imagenet':
             raise WeightsError('--weights imagenet: the cnn baseline has no pretrained weights; '
                                'use --weights none')
-        net = cnn(outputs)
+        if not widths:
+            raise ValueError('the cnn needs its widths (train.RECIPE)')
+        net = cnn(widths, dropout, outputs)
         if weights not in (None, 'none'):
             try:
                 net.load_state_dict(load_weights_file(weights))
@@ -429,12 +435,3 @@ def imagenet_cache_file():
     cache)."""
     url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
     return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
-
-
-if __name__ == '__main__':
-    for name in MODELS:
-        model = build_model(name)
-        x = torch.zeros(2, INPUT_CHANNELS[name], 100, 100)
-        print(f'{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
-              f'output {tuple(model(x).shape)} for input {tuple(x.shape)}')
-    sys.exit(0)

@@ -44,10 +44,12 @@ def load_model(path, device):
     """Rebuild a model from its checkpoint alone: (model on device, the checkpoint's other
     fields)."""
     ckpt = models.load_checkpoint(path)
-    model = models.build_model(ckpt['model_name'], weights='none', bins=ckpt.get('bins', 0))
+    widths = models.cnn_widths(ckpt['model']) if ckpt['model_name'] == 'cnn' else None
     try:
+        model = models.build_model(ckpt['model_name'], weights='none', bins=ckpt.get('bins', 0),
+                                   widths=widths)
         model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
+    except (RuntimeError, ValueError) as e:  # no convolutions; missing or wrongly shaped tensors
         raise models.CheckpointError(f'{path}: its weights do not fit a {ckpt["model_name"]} '
                                      f'({str(e).splitlines()[-1].strip()[:200]})') from None
     return models.place(model, device), ckpt

@@ -52,6 +52,8 @@ RECIPE = {
     'warmup':       dict(cnn=0.1,          resnet50=0.1),  # share of the steps the lr ramps up over
     'warmup_epochs': dict(cnn=3,           resnet50=3),  # ... but at most this many epochs
     'dex_sigma':    dict(cnn=6.0,          resnet50=6.0),  # years: as noisy as wiki's ages
+    'widths':       dict(cnn=(32, 64, 128, 256), resnet50=None),  # channels of each conv block
+    'dropout':      dict(cnn=0.2,          resnet50=None),  # before the head; resnet50 has none
     # augmentation, drawn afresh for every image: a face moves, turns and changes light
     'crop_area':    dict(cnn=(0.7, 1.0),   resnet50=(0.7, 1.0)),  # share of the face a crop keeps
     'crop_aspect':  dict(cnn=(0.9, 1.1),   resnet50=(0.9, 1.1)),  # width over height of the crop
@@ -237,7 +239,8 @@ def draw_weights(gender):
 def build_learner(args, recipe, age_mean, age_std, device, world=1, log=print):
     torch.manual_seed(args.seed)  # the initial weights (and dropout) draw from the global generator
     bins = models.AGE_BINS if args.loss == 'dex' else 0
-    model = models.build_model(args.model, args.weights, age_mean, max(age_std, 1e-3), bins)
+    model = models.build_model(args.model, args.weights, age_mean, max(age_std, 1e-3), bins,
+                               recipe['widths'], recipe['dropout'])
     model = models.place(model, device)
     step_model = model
     if world > 1:

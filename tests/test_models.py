@@ -13,6 +13,9 @@ import torch
 import torchvision
 
 import models
+import train
+
+CNN_WIDTHS = train.RECIPE['widths']['cnn']
 
 
 class CreatesFile:
@@ -43,7 +46,7 @@ def random_resnet50(seed):
 # ----------------------------------------------------------------------------- shapes and ages
 
 def test_cnn_output_shape():
-    model = models.build_model('cnn').eval()
+    model = models.build_model('cnn', widths=CNN_WIDTHS).eval()
     assert models.INPUT_CHANNELS['cnn'] == 1
     for size in (32, 64):
         x = torch.randn(2, models.INPUT_CHANNELS['cnn'], size, size)
@@ -63,14 +66,14 @@ def test_resnet50_output_shape():
 
 
 def test_ages_maps_standardised_outputs_back():
-    model = models.build_model('cnn', 'none', y_mean=31.5, y_std=12.0)
+    model = models.build_model('cnn', 'none', y_mean=31.5, y_std=12.0, widths=CNN_WIDTHS)
     ages = model.ages(torch.tensor([0.0, 1.0, -2.0, 0.5], dtype=torch.bfloat16))
     assert ages.dtype == torch.float32
     torch.testing.assert_close(ages, torch.tensor([31.5, 43.5, 7.5, 37.5]))
     # The mapping travels in the state dict, so a checkpoint alone gives years.
     state = model.state_dict()
     assert float(state['y_mean']) == 31.5 and float(state['y_std']) == 12.0
-    fresh = models.build_model('cnn', 'none')
+    fresh = models.build_model('cnn', 'none', widths=CNN_WIDTHS)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.ages(torch.tensor([1.0])), torch.tensor([43.5]))
 
@@ -79,7 +82,7 @@ def test_unknown_model_and_cnn_imagenet():
     with pytest.raises(ValueError, match='vgg'):
         models.build_model('vgg')
     with pytest.raises(models.WeightsError, match='--weights none'):
-        models.build_model('cnn', 'imagenet')
+        models.build_model('cnn', 'imagenet', widths=CNN_WIDTHS)
 
 
 # ---------------------------------------------------------------------- ImageNet from the hub cache
@@ -144,7 +147,7 @@ def test_weights_file_state_dict_resnet50(tmp_path):
 
 def test_weights_file_checkpoint_and_cnn(tmp_path):
     torch.manual_seed(11)
-    source = models.build_model('cnn', 'none', y_mean=30, y_std=10)
+    source = models.build_model('cnn', 'none', y_mean=30, y_std=10, widths=CNN_WIDTHS)
     ckpt = tmp_path / 'best.pt'
     torch.save({'model': source.state_dict(), 'model_name': 'cnn', 'size': 64, 'y_mean': 30.0},
                ckpt)
@@ -152,7 +155,7 @@ def test_weights_file_checkpoint_and_cnn(tmp_path):
     torch.save(source.backbone.state_dict(), plain)
     for path in (ckpt, plain):
         torch.manual_seed(12)  # a different init: only loading can make them equal
-        loaded = models.build_model('cnn', str(path))
+        loaded = models.build_model('cnn', str(path), widths=CNN_WIDTHS)
         for (name, a), (_, b) in zip(source.backbone.state_dict().items(),
                                      loaded.backbone.state_dict().items()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f'{path.name}: {name}')
@@ -170,13 +173,13 @@ def test_weights_file_that_fits_nothing(tmp_path):
         write(path)
         for model in ('resnet50', 'cnn'):
             with pytest.raises(models.WeightsError) as info:
-                models.build_model(model, str(path))
+                models.build_model(model, str(path), widths=CNN_WIDTHS)
             assert str(path) in str(info.value), (name, model, str(info.value))
     # A resnet50 state dict does not fit the cnn and says so.
     path = tmp_path / 'r50.pth'
     torch.save(random_resnet50(seed=1).state_dict(), path)
     with pytest.raises(models.WeightsError, match='does not fit cnn'):
-        models.build_model('cnn', str(path))
+        models.build_model('cnn', str(path), widths=CNN_WIDTHS)
     with pytest.raises(models.WeightsError, match='not found'):
         models.build_model('resnet50', str(tmp_path / 'absent.pth'))
 
@@ -211,7 +214,7 @@ def test_crafted_weights_file_refused(tmp_path):
     for path in crafted_files(tmp_path, marker):
         for model in ('resnet50', 'cnn'):
             with pytest.raises(models.WeightsError) as info:
-                models.build_model(model, str(path))
+                models.build_model(model, str(path), widths=CNN_WIDTHS)
             assert str(path) in str(info.value) and 'refused' in str(info.value)
             ran = f'{path.name} ran code while loading as --weights for {model}'
             assert not marker.exists(), ran
@@ -230,7 +233,7 @@ def test_load_checkpoint_refuses_crafted_file(tmp_path):
 
 def test_load_checkpoint_round_trip(tmp_path):
     """What train.py saves (tensors, numbers, strings, vars(args)) loads under weights_only=True."""
-    model = models.build_model('cnn', 'none', y_mean=40, y_std=15)
+    model = models.build_model('cnn', 'none', y_mean=40, y_std=15, widths=CNN_WIDTHS)
     ckpt = {'model': model.state_dict(), 'model_name': 'cnn', 'size': 64, 'channels': 1,
             'args': {'lr': 1e-3, 'weights': 'none', 'time_limit': None, 'device': 'cpu'},
             'y_mean': 40.0, 'y_std': 15.0, 'epoch': 3, 'val_rmse': 9.5}

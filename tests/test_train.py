@@ -21,6 +21,8 @@ import models
 import predict
 import train
 
+CNN_WIDTHS = train.RECIPE['widths']['cnn']
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
         '2',
@@ -414,7 +416,7 @@ def test_ema_weights_are_validated_and_saved(tiny_data, tmp_path, monkeypatch):
     assert run_train(tiny_data, out, '--ema', '0.9', '--epochs', '3', '--val-frac', '0') == 0
     key = 'backbone.0.weight'
     torch.manual_seed(0)
-    initial = models.build_model('cnn', 'none').state_dict()[key]
+    initial = models.build_model('cnn', 'none', widths=CNN_WIDTHS).state_dict()[key]
     # the average is not the last step
     assert (seen['raw'][key] - seen['ema'][key]).abs().max() > 1e-4
     assert (initial - seen['ema'][key]).abs().max() > 1e-3  # and it moved with training
@@ -440,7 +442,7 @@ def test_dex_predicts_an_expected_age_and_its_loss_falls(tiny_data, tmp_path):
     logits[0, 30], logits[1, 60] = 20.0, 20.0  # confident at 30 and at 60
     y = (torch.tensor([30.0, 60.0]) - 40) / 10
     assert loss(logits, y) < loss(logits.flip(0), y)  # right ages cost less than swapped ones
-    model = models.build_model('cnn', bins=101)
+    model = models.build_model('cnn', bins=101, widths=CNN_WIDTHS)
     assert model.ages(logits).tolist() == pytest.approx([30.0, 60.0], abs=1e-3)
 
 
@@ -481,7 +483,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_rmse(tiny_data, t
 
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
     torch.manual_seed(0)
-    model = models.build_model('cnn', 'none', y_mean=40.0, y_std=5.0)
+    model = models.build_model('cnn', 'none', y_mean=40.0, y_std=5.0, widths=CNN_WIDTHS)
     images = torch.randint(0, 256, (6, 100, 100), dtype=torch.uint8)
     rows = np.arange(6)
     args = (rows, 48, 1, 4, torch.device('cpu'))
