@@ -44,6 +44,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import clean_data
 import cli
 import dataset
 import demo_data
@@ -192,7 +193,7 @@ def bench_step(args, train_args, images, ages, channels, device):
     Returns (model, calls, seconds, FLOPs of a step, seconds of the first step: compiling, if
     any)."""
     y_mean, y_std = float(ages.mean()), float(ages.std())
-    learner = train.build_learner(train_args, train.recipe_of(args.model), y_mean, y_std, device)
+    learner = models.build_learner(train_args, train.recipe_of(args.model), y_mean, y_std, device)
     idx = torch.randint(len(images), (args.batch_size,),
                         generator=torch.Generator().manual_seed(args.seed))
     x = dataset.to_model_input(images[idx.to(images.device)].to(device), args.size, channels,
@@ -228,7 +229,7 @@ def bench_loop(args, train_args, images, table, device, steps, tmp, log):
         # rows // batch) and validation, which fit does not time, runs once on one small batch.
         rows = np.resize(np.arange(len(table)), n_steps * args.batch_size)
         val_rows = np.arange(min(len(table), args.batch_size))
-        split = train.make_rows(train_args, images, table, rows, val_rows)
+        split = clean_data.make_rows(train_args, images, table, rows, val_rows)
         return train.fit(train_args, split, os.path.join(tmp, name), device, log=log)
 
     run(args.warmup, 'fit-warmup')

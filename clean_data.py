@@ -19,12 +19,14 @@ The rows a run uses are chosen here too, beside the rules they apply: `training_
 `person_folds` (cv.py's folds, no person in two) and `split` (train.py's).
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
 
 import numpy as np
 import pandas as pd
+import torch
 
 import cli
 import dataset
@@ -180,6 +182,51 @@ def split(args, table):
                                 f'({table["person"].nunique()} people) holds no test-like row '
                                 f'({TEST_LIKE})')
     return train_rows, val_rows
+
+
+@dataclasses.dataclass
+class Rows:
+    """What a run trains on and scores: the whole image array and positions of rows in it."""
+    images: torch.Tensor         # uint8 (N, 100, 100), on the device when it fits
+    ages: torch.Tensor           # float32 years of the N rows, next to the images
+    train: torch.Tensor          # positions of the training rows
+    val: np.ndarray              # positions of the validation rows (test-like)
+    val_ages: np.ndarray         # their true ages, in float64 as the CSV has them
+    val_ids: np.ndarray
+    val_clean: np.ndarray        # which of them pass the old cleaning (clean_only)
+    draw_weights: torch.Tensor   # --balance-gender: each training row's weight, else None
+    age_mean: float              # of the training rows: the model learns (age - mean) / std
+    age_std: float
+
+
+def make_rows(args, images, table, train_rows, val_rows):
+    """The Rows of a split: images, the clean table of the same rows, and the two parts'
+    positions."""
+    ages = torch.tensor(table['age'].to_numpy(dtype=np.float32)).to(images.device)
+    train_rows = torch.as_tensor(train_rows)
+    train_ages = ages[train_rows.to(ages.device)]
+    val_rows = np.asarray(val_rows, dtype=np.int64)
+    weights = None
+    if args.balance_gender:
+        weights = draw_weights(table['gender'].to_numpy()[train_rows.numpy()])
+    return Rows(images=images, ages=ages, train=train_rows, val=val_rows,
+                val_ages=table['age'].to_numpy()[val_rows],
+                val_ids=table['ID'].to_numpy()[val_rows],
+                val_clean=clean_only(table.iloc[val_rows]), draw_weights=weights,
+                age_mean=float(train_ages.mean()),
+                age_std=float(train_ages.std()) if len(train_rows) > 1 else 1.0)
+
+
+def draw_weights(gender):
+    """--balance-gender: male and female rows get equal total weight; unknown keeps its share."""
+    gender = np.asarray(gender, dtype=float)
+    w = np.ones(len(gender))
+    male, female = gender == 1, gender == 0
+    known = male.sum() + female.sum()
+    if male.any() and female.any():
+        w[male] = known / 2 / male.sum()
+        w[female] = known / 2 / female.sum()
+    return torch.from_numpy(w)
 
 
 def print_report(report, kept, table, out):

@@ -13,6 +13,11 @@ import math
 import os
 import sys
 
+try:
+    import fcntl  # file locks: Linux and macOS
+except ImportError:  # Windows
+    fcntl = None
+
 import torch
 
 import dataset
@@ -23,8 +28,6 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 DEMO_DIR = os.path.join('data', 'demo')
 # Options that say how to run, not what to train: they may change when a run is resumed.
 HOW_TO_RUN = ('device', 'precision', 'time_limit', 'log_every', 'threads')
-# The options whose default is the model's column in the recipe table (train.RECIPE).
-PER_MODEL = ('weights', 'size', 'loss', 'lr', 'backbone_lr', 'weight_decay', 'epochs')
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -106,21 +109,23 @@ def add_train_options(parser, recipe, demo):
     parser.add_argument('--balance-gender', action='store_true',
                         help='oversample the rarer gender in the TRAINING part (never in '
                              'validation)')
-    parser.add_argument('--train-min-face-score', type=number(minus_infinity=True), default=1.0,
+    parser.add_argument('--train-min-face-score', type=number(minus_infinity=True),
                         help='train only on rows with at least this face score (#NAME?, no face, '
                              'is -inf); validation keeps every row where a face was found, as the '
-                             'test set does')
-    parser.add_argument('--train-keep-second-face', action='store_true',
+                             'test set does (default: '
+                             f'{per_model(recipe, "train_min_face_score")})')
+    parser.add_argument('--train-keep-second-face', action=argparse.BooleanOptionalAction,
                         help='also train on rows where a second face was detected (validation '
-                             'always keeps them)')
+                             'always keeps them) (default: '
+                             f'{per_model(recipe, "train_keep_second_face")})')
     parser.add_argument('--train-max-age', type=number(),
                         help='also drop training rows older than this')
     parser.add_argument('--train-min-age', type=number(),
                         help='also drop training rows younger than this')
-    parser.add_argument('--patience', type=number(int, at_least=0), default=0,
+    parser.add_argument('--patience', type=number(int, at_least=0),
                         help='stop after this many epochs without a better val RMSE; 0: never '
-                             '(with a cosine decay the best epochs are the last, so the default '
-                             'runs the schedule to its end)')
+                             '(with a cosine decay the best epochs are the last) (default: '
+                             f'{per_model(recipe, "patience")})')
     parser.add_argument('--limit', type=number(int, at_least=4),
                         help='use only N randomly chosen rows (smoke tests)')
     parser.add_argument('--seed', type=number(int, at_least=0), default=0,
@@ -163,17 +168,19 @@ def add_recipe_options(parser, recipe):
                         help='peak AdamW learning rate (warm-up, cosine decay) of the head, and of '
                              f'all layers from scratch (default: {per_model(recipe, "lr")})')
     parser.add_argument('--backbone-lr', type=number(above=0),
-                        help='peak learning rate of a pretrained backbone (default: lr/10 with '
-                             '--weights imagenet or FILE, else lr)')
+                        help='peak learning rate of a pretrained backbone (default: lr x '
+                             f'{per_model(recipe, "backbone_lr_share")} with --weights imagenet or '
+                             'FILE, else lr)')
     parser.add_argument('--weight-decay', type=number(at_least=0),
                         help='AdamW weight decay of conv and linear weights (norm layers and '
                              f'biases get none) (default: {per_model(recipe, "weight_decay")})')
-    parser.add_argument('--ema', type=number(at_least=0, below=1), default=0.0,
+    parser.add_argument('--ema', type=number(at_least=0, below=1),
                         help='decay of an exponential moving average of the weights, which is then '
-                             'what is validated and saved in best.pt (0: off)')
-    parser.add_argument('--no-tta', action='store_true',
-                        help='validate without averaging each face with its mirror image '
-                             '(predict.py has its own)')
+                             f'what is validated and saved in best.pt; 0: off (default: '
+                             f'{per_model(recipe, "ema")})')
+    parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
+                        help='validate each face averaged with its mirror image (predict.py has '
+                             f'its own) (default: {per_model(recipe, "tta")})')
     parser.add_argument('--size', type=number(int, at_least=1, at_most=models.MAX_SIZE),
                         help='model input size in pixels; the images are 100x100 '
                              f'(default: {per_model(recipe, "size")})')
@@ -191,17 +198,18 @@ def demo_presets(parser, model, cv=False):
 
 
 def parse_args(parser, argv=None, cv=False):
-    """Parse, fill in the --demo presets (cv.py's with cv=True) and the per-model and per-device
-    defaults of the recipe, check."""
+    """Parse, fill in the --demo presets (cv.py's with cv=True) and, for every option the command
+    line leaves out whose name the recipe has, the model's entry (the batch size by the device),
+    check."""
     args = parser.parse_args(argv)
     if args.demo:  # the presets become defaults, so every flag on the command line still wins
         parser.set_defaults(model='cnn')
         model = parser.parse_args(argv).model
         parser.set_defaults(**demo_presets(parser, model, cv))
         args = parser.parse_args(argv)
-    for key in PER_MODEL:
-        if getattr(args, key) is None and not (key == 'epochs' and args.time_limit):
-            setattr(args, key, parser.recipe[key][args.model])
+    for key, column in parser.recipe.items():
+        if getattr(args, key, False) is None and not (key == 'epochs' and args.time_limit):
+            setattr(args, key, column[args.model])
     if args.batch_size is None:
         auto_gpu = args.device == 'auto' and models.pick_device('auto').type != 'cpu'
         on_gpu = args.device in ('cuda', 'mps') or auto_gpu
@@ -228,17 +236,32 @@ def check_args(parser, args):
 
 def flags(parser, values, skip=(), changed_only=False):
     """The flags that give `values` (a dict of option values) to `parser`: '--lr=0.001' for a value,
-    '--no-tta' for a switch that is on; with changed_only, only what differs from the defaults."""
+    '--no-augment' for a switch that is on, '--tta' or '--no-tta' for a switch of both ways; with
+    changed_only, only what differs from the defaults."""
     out = []
     for action in parser._actions:
         value = values.get(action.dest)
-        if not action.option_strings or action.dest in ('help',
-                                                        *skip) or value is None or value is False:
+        if not action.option_strings or action.dest in ('help', *skip) or value is None:
             continue
         if changed_only and value == action.default:
             continue
-        out.append(action.option_strings[-1] + ('' if value is True else f'={value}'))
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(action.option_strings[0 if value else 1])
+        elif action.nargs != 0:
+            out.append(f'{action.option_strings[-1]}={value}')
+        elif value:  # a switch that is on
+            out.append(action.option_strings[-1])
     return out
+
+
+def how_to_go_on(out_dir):
+    """What to type next for a folder that holds a run: --resume where last.pt is there, else a
+    new folder (a run killed before its first last.pt has nothing to resume from)."""
+    if os.path.exists(os.path.join(out_dir, 'last.pt')):
+        return f'continue it with --resume {out_dir}, or choose a new --out-dir'
+    stem = os.path.normpath(out_dir)
+    free = next(f'{stem}-{i}' for i in range(2, 10_000) if not os.path.exists(f'{stem}-{i}'))
+    return f'it cannot be resumed (no last.pt): choose a new --out-dir, such as {free}'
 
 
 def parse_saved(parser, values, source):
@@ -256,9 +279,10 @@ def resumed_options(parser, args, fresh_parser):
     change between sessions; the checkpoint), or (args, None) after a one-line error."""
     last = os.path.join(args.resume, 'last.pt')
     if not os.path.exists(last):
-        done = os.path.exists(os.path.join(args.resume, 'metrics.json'))
-        why = 'the run finished (metrics.json is there)' if done else 'no last.pt to resume from'
-        parser.error(f'--resume {args.resume}: {why}')
+        if os.path.exists(os.path.join(args.resume, 'metrics.json')):
+            parser.error(f'--resume {args.resume}: the run finished (metrics.json is there); its '
+                         'best.pt is what predict.py takes')
+        parser.error(f'--resume {args.resume}: ' + how_to_go_on(args.resume))
     try:
         resume = models.load_checkpoint(last, resumable=True)
         changeable = {k: getattr(args, k) for k in HOW_TO_RUN}
@@ -305,21 +329,100 @@ def run(work, batch_size=None, interrupted='interrupted'):
     return 1
 
 
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
 def log_on(rank):
     """The log of a process: print (flushed, for `tail -f`) on process 0 of a torchrun job and in
     a plain run, nothing on the others, which would repeat it."""
     return (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
 
 
+LOCK = 'run.lock'  # in a folder a command writes its run into: the PID of that command
+
+
 @contextlib.contextmanager
-def output_folder(path):
-    """Make the folder `path` for what follows; if that fails before anything was written into the
-    folder, remove it again, so that a failed command leaves no empty run folder behind."""
+def output_folder(path, claim=True):
+    """Make the folder `path` for what follows and claim it (claim=False: a torchrun process other
+    than 0, whose process 0 holds it). The claim is a lock on the file run.lock, which holds the
+    PID: a second command into the same folder ends with one line naming that PID, and a lock of a
+    process that died (kill -9) is free again, as the system releases it. If what follows fails
+    before anything was written into the folder, the folder is removed again."""
     existed = os.path.isdir(path)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise dataset.WriteError(f'cannot make the run folder {path} ({e.strerror or e})') from None
+    lock = claim_folder(path) if claim else None
     try:
         yield path
     except BaseException:
+        if lock is not None:
+            release_folder(path, lock)
+            lock = None
         if not existed and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
         raise
+    finally:
+        if lock is not None:
+            release_folder(path, lock)
+
+
+def claim_folder(path):
+    """Lock path/run.lock and write this process's PID into it; returns the open file descriptor,
+    or None where the system has no file locks (Windows)."""
+    if fcntl is None:
+        return None
+    lock = os.path.join(path, LOCK)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            raise dataset.UserError(f'{path} is in use by another run (PID {holder}); wait for it '
+                                    'to end, or choose another folder') from None
+        # the holder before us may have removed the file while we waited for it: lock anew
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return fd
+
+
+def release_folder(path, fd):
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(path, LOCK))
+        os.close(fd)
+
+
+def folder_holder(path):
+    """The PID (as text) of the live command that holds the folder `path`, or None."""
+    lock = os.path.join(path, LOCK)
+    if fcntl is None or not os.path.exists(lock):
+        return None
+    with open(lock, 'rb') as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read(64).decode(errors='replace').strip() or 'unknown'
+    return None
+
+
+def in_use(path):
+    """Whether a live command holds the folder `path`; if so, says so in one line (its PID)."""
+    holder = folder_holder(path)
+    if holder:
+        error(f'{path} is in use by another run (PID {holder}); wait for it to end, or choose '
+              'another folder')
+    return bool(holder)
+
+
+def holds_a_run(path):
+    """Whether the folder `path` holds anything but a lock left behind."""
+    return os.path.isdir(path) and any(name != LOCK for name in os.listdir(path))

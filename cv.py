@@ -43,7 +43,6 @@ import cli
 import dataset
 import metrics
 import models
-import run_control
 import train
 
 # Options --grid cannot search: where the data is and how to run (not what to train), and cv.py's
@@ -57,8 +56,9 @@ NOT_GRIDDABLE = {'model', 'data', 'csv', 'demo', 'limit', 'seed', 'folds', 'grid
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     cli.add_train_options(parser, train.RECIPE, train.DEMO)
-    parser.add_argument('--folds', type=cli.number(int, at_least=2), default=5,
-                        help='folds, grouped by person')
+    parser.add_argument('--folds', type=cli.number(int, at_least=2),
+                        help=f'folds, grouped by person (default: '
+                             f'{cli.per_model(train.RECIPE, "folds")})')
     parser.add_argument('--grid', nargs='+', default=[], metavar='OPTION=V1,V2',
                         help='options to search, e.g. lr=1e-3,3e-4 loss=mse,smoothl1 '
                              'batch_size=64,128')
@@ -81,6 +81,7 @@ def parse_grid(parser, items):
     'mse'}]. Each value is parsed by the command-line option of the same name, so it is converted
     and checked exactly as `--lr 1e-3` would be."""
     defaults = vars(parser.parse_args([]))
+    switches = {a.dest for a in parser._actions if a.nargs == 0}
     keys, value_lists = [], []
     for item in items:
         key, sep, values = item.partition('=')
@@ -94,7 +95,7 @@ def parse_grid(parser, items):
         flag, converted = '--' + key.replace('_', '-'), []
         for v in values.split(','):
             v = v.strip()
-            if defaults[key] is False:  # a switch such as --no-augment
+            if key in switches:  # such as --no-augment or --tta
                 if v.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
                     parser.error(f'--grid {key}: {v!r} is not true/false')
                 converted.append(v.lower() in ('true', '1', 'yes'))
@@ -185,7 +186,7 @@ def cv_command(args, combos, identity, argv):
     with models.distributed(args.device, backend='gloo',
                             timeout=datetime.timedelta(days=7)) as (rank, world, device):
         log = cli.log_on(rank)
-        table, images = dataset.load_table(args, log, rank, world)
+        table, images = train.load_data(args, log, rank, world)
         folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
         check_folds(args, combos, table, folds)
         cells = all_runs(combos, args.folds)
@@ -194,7 +195,8 @@ def cv_command(args, combos, identity, argv):
         log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
             f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {len(cells)} '
             f'runs{side_by_side}')
-        with cli.output_folder(args.out_dir):  # made only now that the inputs are checked
+        # made and claimed only now that the inputs are checked
+        with cli.output_folder(args.out_dir, claim=rank == 0):
             if rank == 0:
                 dataset.write_json(identity, os.path.join(args.out_dir, 'config.json'))
                 dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'],
@@ -279,7 +281,7 @@ def run_parallel(args, argv, combos, cells, jobs, threads, log):
                 if proc.returncode == 0:
                     done += 1
                     tagged(log, i, n)(f'finished: {done} of {n} runs done, elapsed '
-                                      f'{run_control.fmt_time(time.time() - start)}')
+                                      f'{cli.fmt_time(time.time() - start)}')
                 elif not workers.caught:
                     failed.append(f'[{i + 1}/{n}]')
     if workers.caught:
@@ -321,7 +323,7 @@ def worker_command(args, combos):
     """--run I: train run I alone, with --threads CPU threads; cv_command made the folder."""
     with models.cpu_threads(args.threads):
         device = models.pick_device(args.device)
-        table, images = dataset.load_table(args, log=lambda *a: None)  # the parent said it all
+        table, images = train.load_data(args, log=lambda *a: None)  # the parent said it all
         folds = clean_data.person_folds(table['person'], table['age'], args.folds, args.seed)
         cells = all_runs(combos, args.folds)
         c, k = cells[args.run]
@@ -369,10 +371,10 @@ def run_cell(args, combo, k, folds, table, images, device, log):
     train_rows = clean_data.training_rows(table, np.flatnonzero(folds != k), cell_args)
     log(f'{name} fold {k}: {len(train_rows)} train / {len(val_rows)} validation rows')
     try:
-        rows = train.make_rows(cell_args, images, table, train_rows, val_rows)
+        rows = clean_data.make_rows(cell_args, images, table, train_rows, val_rows)
         result = train.fit(cell_args, rows, out, device, resume=resume, log=log)
         result.pop('val_pred')
-    except run_control.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
+    except train.Diverged as e:  # a too-high learning rate in a grid is a result, not a crash
         log(f'{name} fold {k}: {e}')
         result = {**train.val_columns(), 'best_epoch': -1, 'train_img_per_s': math.nan,
                   'seconds': 0.0, 'stopped': 'diverged'}

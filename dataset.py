@@ -1,16 +1,19 @@
 """Reading the Kaggle files, decoding the faces once, and batch augmentation.
 
 The other scripts import from here: the CSV parsers (Kaggle writes list literals and `#NAME?`),
-the image cache (every image decoded once into one uint8 array), `load_table` (the clean table
+the image cache (every image decoded once into one uint8 array), `read_table` (the clean table
 and its faces, for train.py and cv.py), and `to_model_input`, the ONE preprocessing path used by
 training, validation, cross-validation and prediction. Which rows train and which validate is
 clean_data.py's business, beside its rules.
 """
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
@@ -49,26 +51,89 @@ class DataError(UserError):
 
 # ----------------------------------------------------------------------------- files
 
+class WriteError(UserError):
+    """A file could not be written (a full disk, a read-only folder): the message names the file
+    and the cause."""
+
+
 def write_atomic(path, write):
-    """Call write(tmp_path), then rename onto path: a crash or a dropped SSH session never leaves
-    half a file where a finished one is expected."""
+    """Call write(tmp), flush tmp to the disk and rename it onto `path`: a crash, a power cut or a
+    dropped SSH session never leaves half a file, nor an empty one, where a finished one was (as
+    SQLite and git write). Temporary files that dead processes left in the folder go first. An
+    output that is not a regular file (/dev/null, a FIFO) is written in place, never replaced."""
     path = str(path)
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        try:
+            return write(path)
+        except (OSError, RuntimeError) as e:
+            raise WriteError(f'cannot write {path} ({write_failure(e, path)})') from None
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f'cannot write {path}: its folder {folder} cannot be made '
-                        f'({e.strerror or e})') from None
+        raise WriteError(f'cannot write {path}: its folder {folder} cannot be made '
+                         f'({e.strerror or e})') from None
+    remove_dead_temps(folder)
     root, ext = os.path.splitext(path)
     tmp = f'{root}.tmp{os.getpid()}{ext}'  # keep the extension: np.savez and PIL go by it
     try:
         write(tmp)
+        flush_to_disk(tmp)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only folder, a full disk, a folder where the file should go
-        raise UserError(f'cannot write {path} ({e.strerror or e})') from None
+        with contextlib.suppress(OSError):  # some file systems cannot sync a folder
+            flush_to_disk(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        raise WriteError(f'cannot write {path} ({write_failure(e, folder)})') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def flush_to_disk(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failure(e, where):
+    """Why a write failed, in words: the system's ('No space left on device'), or for a library's
+    RuntimeError the full disk that usually causes it, else its first line."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free < 1 << 20:
+            return 'No space left on device'
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+TEMP_NAME = re.compile(r'\.tmp(\d+)(\.[^.]*)?$')  # write_atomic's: NAME.tmpPID.EXT
+
+
+def remove_dead_temps(folder):
+    """Delete the temporary files of write_atomic calls whose process is gone (kill -9, a power
+    cut); a running process's are left alone."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = TEMP_NAME.search(name)
+            if match and not process_alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
+def process_alive(pid):
+    """Whether process `pid` runs on this machine (another user's counts). On Windows, where
+    os.kill would end the process, every one counts as running."""
+    if pid == os.getpid() or os.name == 'nt':
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def write_csv(df, path):
@@ -404,23 +469,6 @@ def place_images(images, device, log=print):
 
 
 # ----------------------------------------------------------------------------- the table of a run
-
-def load_table(args, log=print, rank=0, world=1):
-    """The clean table and its decoded faces (cached), for train.py and cv.py; --demo makes and
-    cleans the synthetic data first. Under torchrun, process 0 makes the demo data and the image
-    cache; the others then read them."""
-    if world > 1 and rank != 0:
-        dist.barrier()
-    if args.demo:
-        # here, not at the top: demo_data cleans with clean_data, which imports this
-        import demo_data
-        demo_data.prepare(args.data, args.csv or os.path.join(args.data, 'wiki_labels_clean.csv'),
-                          log)
-    table, images = read_table(args, log)
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return table, images
-
 
 def read_table(args, log):
     """The clean CSV and its faces. Rows whose image cannot be read are dropped with a count;

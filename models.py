@@ -8,6 +8,7 @@ how a model runs (device, autocast, memory layout), and reading checkpoint and w
 whose fields are checked once, when they are loaded.
 """
 import contextlib
+import dataclasses
 import math
 import os
 
@@ -204,6 +205,63 @@ def make_criterion(name, y_mean, y_std, dex_sigma):
     return LOSSES[name](y_mean, y_std, dex_sigma) if name == 'dex' else LOSSES[name]()
 
 
+@dataclasses.dataclass
+class Learner:
+    """The model and what trains it (train.py's train_step uses them all)."""
+    model: nn.Module             # saved, evaluated and restored
+    step_model: nn.Module        # what a step calls: `model` wrapped for DDP or torch.compile
+    ema: nn.Module               # --ema: the moving average (validated and saved), else None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    precision: str               # 'fp32', 'bf16' or 'fp16': what autocast computes in
+    precision_why: str           # why that one (--precision auto chooses by the device)
+
+    def evaluated(self):
+        """The model that is validated and saved in best.pt: the moving average with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def parts(self):
+        """What last.pt keeps, by its keys in the file."""
+        return {'model': self.model, 'optimizer': self.optimizer, 'ema': self.ema,
+                'scaler': self.scaler}
+
+
+def build_learner(args, recipe, age_mean, age_std, device, world=1, log=print):
+    """The Learner of a run: args are train.py's options, recipe the model's column of
+    train.RECIPE (its widths, dropout, DEX sigma and backbone share); age_mean and age_std those of
+    the training rows. world > 1: wrapped for DistributedDataParallel."""
+    torch.manual_seed(args.seed)  # the initial weights (and dropout) draw from the global generator
+    bins = AGE_BINS if args.loss == 'dex' else 0
+    model = place(build_model(args.model, args.weights, age_mean, max(age_std, 1e-3), bins,
+                              recipe['widths'], recipe['dropout']), device)
+    step_model = model
+    if world > 1:
+        ids = [device.index] if device.type == 'cuda' else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if args.compile:
+        step_model = compile_model(step_model, args.compile, device, log)
+    ema = None
+    if args.ema:
+        average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    precision, why = choose_precision(args.precision, device, args.demo)
+    optimizer, scaler = build_optimizer(model, args.lr, backbone_lr(args, recipe),
+                                        args.weight_decay, device, precision)
+    criterion = make_criterion(args.loss, age_mean, age_std, recipe['dex_sigma'])
+    return Learner(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scaler=scaler,
+                   criterion=criterion, precision=precision, precision_why=why)
+
+
+def backbone_lr(args, recipe):
+    """A pretrained backbone learns slower than the new head (the recipe's share of --lr), so that
+    fine-tuning keeps what ImageNet taught it; from scratch all layers share --lr."""
+    if args.backbone_lr:
+        return args.backbone_lr
+    pretrained = args.weights not in (None, 'none')
+    return args.lr * recipe['backbone_lr_share'] if pretrained else args.lr
+
+
 def build_optimizer(model, lr, backbone_lr, weight_decay, device, precision='fp32'):
     """AdamW (its fused kernel on CUDA and the CPU) and the loss scaler, which only fp16 needs (its
     smallest number is 6e-8: small gradients would vanish unscaled).
@@ -266,7 +324,7 @@ def choose_precision(name, device, demo=False):
     if name != 'auto':
         return name, f'--precision {name}'
     if demo:
-        return 'fp32', '--demo computes in fp32 on every machine, so that all print the same numbers'
+        return 'fp32', '--demo computes in fp32, so that every machine prints the same numbers'
     if device.type == 'cuda':
         gpu = torch.cuda.get_device_name(device)
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -368,8 +426,12 @@ def load_file(path):
 
 
 def save_file(path, obj):
-    """torch.save through a temporary file: a crash never leaves half a checkpoint."""
-    dataset.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temporary file: a crash never leaves half a checkpoint. Saved through
+    a Python file, whose short write on a full disk is an OSError that says so."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+    dataset.write_atomic(path, write)
 
 
 # What a best.pt must hold to rebuild its model, and what a last.pt adds for --resume.

@@ -582,7 +582,7 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path):
         with open(tmp, 'w') as f:
             f.write('half a fi')
         raise RuntimeError('disk full')
-    with pytest.raises(RuntimeError, match='disk full'):
+    with pytest.raises(dataset.WriteError, match=r'cannot write .*metrics.json \(disk full\)'):
         dataset.write_atomic(str(dest), failing)
     assert dest.read_text() == 'old content'
     assert os.listdir(tmp_path) == ['metrics.json']

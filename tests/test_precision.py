@@ -75,7 +75,7 @@ def test_fp16_on_the_cpu_ends_in_one_line(tiny_data, tmp_path, capsys):
 def tiny_learner(precision, loss='dex'):
     args = cli.parse_args(train.build_parser(), ['--model', 'cnn', '--loss', loss, '--precision',
                                                  precision, '--batch-size', '8', '--device', 'cpu'])
-    return train.build_learner(args, train.recipe_of('cnn'), 40.0, 15.0, CPU)
+    return models.build_learner(args, train.recipe_of('cnn'), 40.0, 15.0, CPU)
 
 
 def test_a_bf16_step_moves_fp32_weights_and_keeps_fp32_state(monkeypatch):

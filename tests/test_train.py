@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -291,7 +292,7 @@ def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
     """Run train.py; return the gender of every training row, and of every row it drew, over all
     epochs."""
     seen = {}
-    real_rows, real_order = train.make_rows, train.epoch_order
+    real_rows, real_order = clean_data.make_rows, train.epoch_order
 
     def make_rows(args, images, table, train_rows, val_rows):
         seen.update(gender=table['gender'].to_numpy(), train=np.asarray(train_rows))
@@ -301,7 +302,7 @@ def drawn_genders(tiny_data, out_dir, monkeypatch, *flags):
         order = real_order(run, epoch)
         seen.setdefault('drawn', []).append(order.numpy())
         return order
-    monkeypatch.setattr(train, 'make_rows', make_rows)
+    monkeypatch.setattr(clean_data, 'make_rows', make_rows)
     monkeypatch.setattr(train, 'epoch_order', epoch_order)
     assert run_train(tiny_data, out_dir, *flags) == 0
     return seen['gender'][seen['train']], seen['gender'][np.concatenate(seen['drawn'])]
@@ -324,18 +325,25 @@ def test_balance_gender_draws_the_rarer_gender_as_often_and_leaves_validation_al
                                                                  'val_predictions.csv'))['ID'])
 
 
+def schedule(total_steps, warmup_steps, time_fraction=0.0, warmup=0.1):
+    """A Schedule as start_run makes it, its clock held at `time_fraction` of a time limit."""
+    s = train.Schedule(batch=1, steps_per_epoch=10, epochs=math.inf, total_steps=total_steps,
+                       warmup=warmup, warmup_steps=warmup_steps)
+    s.time_fraction = lambda: time_fraction
+    return s
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
-    f = lambda step: train.lr_factor(step, total_steps=100, warmup_steps=10)  # noqa: E731
-    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    f = lambda step: train.lr_factor(step, schedule(100, 30))  # noqa: E731
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up, a tenth
     assert f(10) == pytest.approx(1.0)  # the peak
     # a sixth of the way down the cosine
     assert f(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 6)))
     assert f(55) == pytest.approx(0.5)  # half-way
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) > f(s + 1) for s in range(10, 100))
-    recipe = train.recipe_of('cnn')
-    assert train.warmup_steps(1000, 20, recipe) == 60  # at most three epochs
-    assert train.warmup_steps(100, 20, recipe) == 10  # else a tenth
+    # at most warmup_steps (the recipe's warmup_epochs): 1000 steps warm up over 60, not 100
+    assert train.lr_factor(29, schedule(1000, 60)) == pytest.approx(0.5)
 
 
 def test_a_run_ends_at_a_learning_rate_near_zero(trained):
@@ -345,13 +353,11 @@ def test_a_run_ends_at_a_learning_rate_near_zero(trained):
 
 
 def test_under_a_time_limit_the_schedule_follows_the_larger_fraction():
-    f = lambda step, t: train.lr_factor(step, total_steps=100, warmup_steps=10,
-                                        time_fraction=t)  # noqa: E731
-    assert f(20, 0.0) == train.lr_factor(20, 100, 10)  # no time limit: the step alone
+    f = lambda step, t: train.lr_factor(step, schedule(100, 30, t))  # noqa: E731
     # 55% of the time gone: half-way down, whatever the step
     assert f(20, 0.55) == pytest.approx(0.5)
     # ahead in steps: the step counts
-    assert f(60, 0.30) == pytest.approx(train.lr_factor(60, 100, 10))
+    assert f(60, 0.30) == pytest.approx(f(60, 0.0))
     assert f(3, 0.05) == pytest.approx((5 + 1) / 10)  # the warm-up runs on time too
     assert f(20, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert f(20, 1.7) == pytest.approx(0.0, abs=1e-12)
@@ -373,7 +379,8 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
     args = cli.parse_args(train.build_parser(),
                           ['--model', 'resnet50', '--weights', 'none', '--weight-decay', '0.05'])
     model = models.build_model('resnet50', 'none')
-    optimizer, _ = models.build_optimizer(model, args.lr, train.backbone_lr(args),
+    backbone_lr = models.backbone_lr(args, train.recipe_of('resnet50'))
+    optimizer, _ = models.build_optimizer(model, args.lr, backbone_lr,
                                           args.weight_decay,
                                           torch.device('cpu'))
     decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05
@@ -387,7 +394,8 @@ def test_weight_decay_spares_norm_layers_and_biases_and_the_head_learns_faster_w
     assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert {g['lr'] for g in optimizer.param_groups} == {1e-3}  # from scratch: one rate
     args.weights = 'imagenet'
-    optimizer, _ = models.build_optimizer(model, args.lr, train.backbone_lr(args),
+    backbone_lr = models.backbone_lr(args, train.recipe_of('resnet50'))
+    optimizer, _ = models.build_optimizer(model, args.lr, backbone_lr,
                                           args.weight_decay,
                                           torch.device('cpu'))
     head = {id(p) for p in model.backbone.fc.parameters()}
@@ -496,7 +504,7 @@ def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
 
 def test_balance_weights_equalise_genders_and_keep_unknown():
     gender = np.array([1, 1, 1, 1, 1, 1, 0, 0, np.nan, np.nan])
-    w = train.draw_weights(gender).numpy()
+    w = clean_data.draw_weights(gender).numpy()
     assert w[gender == 1].sum() == pytest.approx(w[gender == 0].sum())
     assert w[gender == 1].sum() + w[gender == 0].sum() == pytest.approx(8)
     np.testing.assert_array_equal(w[np.isnan(gender)], [1, 1])
@@ -572,11 +580,13 @@ def test_the_recipe_table_is_the_one_place_a_default_is_set(monkeypatch):
     assert (resnet.loss, resnet.lr, resnet.batch_size) == ('l1', 1e-3, 8)
     assert cli.parse_args(train.build_parser(), ['--demo', '--device', 'cpu']).size == 40
     assert 'mse for cnn, l1 for resnet50' in ' '.join(train.build_parser().format_help().split())
-    recipe = {**train.recipe_of('cnn'), 'dex_sigma': 2.5, 'rotation': 0.0}
+    monkeypatch.setitem(train.RECIPE['dex_sigma'], 'cnn', 2.5)
+    monkeypatch.setitem(train.RECIPE['rotation'], 'cnn', 0.0)
     dex = cli.parse_args(train.build_parser(),
                          ['--model', 'cnn', '--loss', 'dex', '--device', 'cpu'])
-    learner = train.build_learner(dex, recipe, 40.0, 10.0, torch.device('cpu'))
-    assert learner.criterion.sigma == 2.5 and learner.augment['rotation'] == 0.0
+    rows = types.SimpleNamespace(train=range(64), age_mean=40.0, age_std=10.0)
+    run = train.start_run(dex, rows, 'unused', torch.device('cpu'), 0, 1, print)
+    assert run.learner.criterion.sigma == 2.5 and run.strengths['rotation'] == 0.0
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
@@ -662,13 +672,32 @@ def test_without_epochs_a_time_limit_alone_ends_the_run_with_its_decay():
     assert cli.parse_args(parser, ['--time-limit', '5']).epochs is None  # as many as fit
     # the user's bound stays
     assert cli.parse_args(parser, ['--time-limit', '5', '--epochs', '3']).epochs == 3
-    f = lambda t: train.lr_factor(step=7, total_steps=None, warmup_steps=None,
-                                  time_fraction=t)  # noqa: E731
-    # the first tenth warms up
-    assert f(0.0) == pytest.approx(0.01) and f(0.05) == pytest.approx(0.51)
+    f = lambda step, t: train.lr_factor(step, schedule(None, 1000, t))  # noqa: E731
+    # the first tenth of the time warms up
+    assert f(7, 0.0) == pytest.approx(0.008) and f(7, 0.05) == pytest.approx(0.5)
     # then the cosine, on time alone
-    assert f(0.1) == pytest.approx(1.0) and f(0.55) == pytest.approx(0.5)
-    assert f(1.0) == pytest.approx(0.0, abs=1e-12) and f(1.5) == pytest.approx(0.0, abs=1e-12)
+    assert f(7, 0.1) == pytest.approx(1.0) and f(7, 0.55) == pytest.approx(0.5)
+    assert f(7, 1.0) == pytest.approx(0.0, abs=1e-12) and f(7, 1.5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_time_limited_warm_up_follows_the_recipe(monkeypatch):
+    """Under --time-limit alone the warm-up is RECIPE's share of the time, at most its
+    warmup_epochs: change either, and the schedule a run builds follows."""
+    def factor(step, time_fraction):
+        args = cli.parse_args(train.build_parser(), ['--model', 'cnn', '--time-limit', '10',
+                                                     '--device', 'cpu'])
+        rows = types.SimpleNamespace(train=range(3200), age_mean=40.0, age_std=15.0)
+        s = train.start_run(args, rows, 'unused', torch.device('cpu'), 0, 1, print).schedule
+        s.time_fraction = lambda: time_fraction
+        return train.lr_factor(step, s)
+    # 100 steps an epoch; the recipe: a tenth of the time, at most 3 epochs
+    assert factor(0, 0.05) == pytest.approx(0.5)  # half of the tenth
+    assert factor(299, 0.05) == pytest.approx(1.0)  # 3 epochs done: warmed up, the peak holds
+    assert factor(100, 0.2) < 1.0  # past the tenth: the cosine
+    monkeypatch.setitem(train.RECIPE['warmup'], 'cnn', 0.2)
+    assert factor(0, 0.05) == pytest.approx(0.25) and factor(100, 0.2) == pytest.approx(1.0)
+    monkeypatch.setitem(train.RECIPE['warmup_epochs'], 'cnn', 1)
+    assert factor(99, 0.05) == pytest.approx(1.0)  # one epoch is the most it may last
 
 
 def test_a_time_limited_run_without_epochs_uses_the_whole_budget(tiny_data, tmp_path):
