@@ -22,6 +22,7 @@ training in the same time. Each line of a run's log starts with its number, [3/5
 import argparse
 import contextlib
 import datetime
+import glob
 import itertools
 import json
 import math
@@ -154,6 +155,8 @@ def main(argv=None):
     # The same command again resumes; a different one must not mix its results into this folder.
     identity = {k: v for k, v in vars(args).items() if k not in HOW_TO_RUN}
     check_out_dir(parser, args.out_dir, identity)
+    if cli.in_use(args.out_dir):  # the same command in two terminals
+        return 1
     return cli.run(lambda: cv_command(args, combos, identity, argv), batch_size=args.batch_size,
                    interrupted='interrupted; run the same command again to go on')
 
@@ -176,7 +179,7 @@ def check_out_dir(parser, out_dir, identity):
         if changed and has_results:
             parser.error(f'--out-dir {out_dir} holds a CV run with other options '
                          f'({", ".join(changed)}); choose a new --out-dir')
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+    elif cli.holds_a_run(out_dir):
         parser.error(f'--out-dir {out_dir} exists and is not a cv.py run; choose a new --out-dir')
 
 
@@ -196,7 +199,7 @@ def cv_command(args, combos, identity, argv):
             f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {len(cells)} '
             f'runs{side_by_side}')
         # made and claimed only now that the inputs are checked
-        with cli.output_folder(args.out_dir, claim=rank == 0):
+        with cli.output_folder(args.out_dir, claim=rank == 0), tidy_on_failure(args.out_dir, rank):
             if rank == 0:
                 dataset.write_json(identity, os.path.join(args.out_dir, 'config.json'))
                 dataset.write_csv(pd.DataFrame({'ID': table['ID'], 'person': table['person'],
@@ -214,6 +217,29 @@ def cv_command(args, combos, identity, argv):
                 dist.barrier()
             if rank == 0:
                 report(args, combos, log)
+
+
+@contextlib.contextmanager
+def tidy_on_failure(out_dir, rank):
+    """If the command fails (a full disk, bad data, Ctrl-C), remove what holds no work: cell folders
+    without a checkpoint, and while no run has a result or a last.pt, config.json and folds.csv too,
+    so that the folder is as free as before for the same command or a corrected one."""
+    try:
+        yield
+    except BaseException:
+        if rank == 0:
+            cells = os.path.join(out_dir, 'cells')
+            runs = glob.glob(os.path.join(cells, '*', 'fold*'))
+            working = {r for r in runs if any(os.path.exists(os.path.join(r, name))
+                                              for name in ('result.json', 'last.pt'))}
+            for r in set(runs) - working:  # the same command would start these afresh anyway
+                shutil.rmtree(r, ignore_errors=True)
+            if not working:
+                for name in ('config.json', 'folds.csv'):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(out_dir, name))
+                shutil.rmtree(cells, ignore_errors=True)
+        raise
 
 
 def run_in_turn(args, combos, cells, folds, table, images, device, log, rank, world):

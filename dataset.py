@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,9 +33,11 @@ AGE_RANGE = (1.0, 100.0)  # years: a possible age; cleaning keeps these, predict
 # years: no wiki label is above 792, so a clean CSV with more was damaged or edited
 MAX_AGE = 1000.0
 
-# An image Pillow deems a decompression bomb (over 89 million pixels) is an unreadable file here,
-# reported with its row like any other, not a warning printed from inside Pillow.
-warnings.simplefilter('error', Image.DecompressionBombWarning)
+# Pillow's guard against decompression bombs (about 89 million pixels) is checked in open_image
+# instead, which decodes a larger JPEG photo at a reduced scale and reports any other image beyond
+# it as unreadable with its row, not as a warning printed from inside Pillow.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 
 
 class UserError(Exception):
@@ -342,37 +343,72 @@ def decode_image(path, photo=False):
     phone stores a portrait photo sideways) and centre-crop it to a square, so that resizing never
     stretches a face. The Kaggle crops need neither."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode for real: a truncated file fails here, not at open()
-            note = []
-            if photo:
-                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                    note.append('turned upright by its EXIF orientation')
-                    im = ImageOps.exif_transpose(im)
-                w, h = im.size
-                if w != h:
-                    note.append(f'centre square of {w}x{h}')
-                    side = min(w, h)
-                    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side,
-                                  (h - side) // 2 + side))
-            # 16-bit grey: convert('L') would clip at 255
-            if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
-                note.append(f'mode {im.mode}')
-                scaled = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255)
-                im = Image.fromarray(scaled.astype(np.uint8))
-            elif im.mode != 'L':
-                note.append(f'mode {im.mode}')
-                im = im.convert('L')
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                note.append(f'size {im.size[0]}x{im.size[1]}')
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(im,
-                              dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
+        im, note = open_image(path, photo)
+        with im:
+            if photo and im.width != im.height:
+                note.append(f'centre square of {im.width}x{im.height}')
+                im = im.crop(centre_square(im.size))
+            return face_array(im, note)
     except FileNotFoundError:
         return None, 'missing'
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         return None, f'unreadable: {type(e).__name__}: {e}'.strip()
+
+
+def centre_square(size):
+    """(left, top, right, bottom) of the largest square in the middle of an image of `size`."""
+    w, h = size
+    side = min(w, h)
+    return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
+
+
+def open_image(path, photo=False):
+    """(the decoded image, notes of what was done to it). Beyond MAX_PIXELS a JPEG photo is decoded
+    at a half, quarter or eighth of its size (JPEG's own draft mode, which never holds the whole
+    picture in memory); any other image is refused (ValueError). photo=True also stands it upright
+    by its EXIF orientation."""
+    im = Image.open(path)
+    note, (w, h) = [], im.size
+    if w * h > MAX_PIXELS:
+        scale = next((s for s in (2, 4, 8) if w * h / s ** 2 <= MAX_PIXELS), None)
+        if not (photo and im.format == 'JPEG' and scale):
+            im.close()
+            raise ValueError(f'{w}x{h} is {w * h / 1e6:.0f} million pixels, more than the '
+                             f'{MAX_PIXELS / 1e6:.0f} million this decodes (photos: a JPEG up to '
+                             f'{64 * MAX_PIXELS / 1e6:.0f} million); a decompression bomb?')
+        im.draft(im.mode, (-(-w // scale), -(-h // scale)))
+        note.append(f'decoded at 1/{scale} of {w}x{h}')
+    try:
+        im.load()  # decode for real: a truncated file fails here, not at open()
+        if photo and im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            note.append('turned upright by its EXIF orientation')
+            im = ImageOps.exif_transpose(im)
+    except BaseException:
+        im.close()
+        raise
+    return im, note
+
+
+def to_8bit(im):
+    """16-bit grey as 8-bit grey (convert('L') would clip it at 255); other modes as they are."""
+    if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
+        scaled = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255)
+        return Image.fromarray(scaled.astype(np.uint8))
+    return im
+
+
+def face_array(im, note):
+    """A face image as the (100, 100) uint8 grey array the models take: (array, problem)."""
+    if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
+        note.append(f'mode {im.mode}')
+        im = to_8bit(im)
+    elif im.mode != 'L':
+        note.append(f'mode {im.mode}')
+        im = im.convert('L')
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        note.append(f'size {im.size[0]}x{im.size[1]}')
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8), ('converted: ' + ', '.join(note) if note else None)
 
 
 def image_size(path):
@@ -382,8 +418,7 @@ def image_size(path):
         with Image.open(path) as im:
             w, h = im.size
             return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
+    except (OSError, SyntaxError, ValueError):
         return None
 
 

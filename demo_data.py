@@ -3,6 +3,10 @@
     python demo_data.py data/demo              # write the synthetic Kaggle-layout demo folder
     python demo_data.py data/demo --n 3000     # a bigger one
     python demo_data.py --framing framing.png  # the README's picture of how to frame a photo
+    python demo_data.py photos/ --paste FACES/ --labels FACES/labels.csv   # faces in bigger photos
+
+--paste makes photos to try predict.py --find-face on, from face crops you have (UTKFace's, say):
+each pasted at a random place and size into a larger picture of noise, with a labels.csv.
 
 Each face is drawn with Pillow so that its age shows in the pixels (proportions, greying and
 receding hair, wrinkles), and the folder carries the real files' dirt at realistic rates:
@@ -249,13 +253,44 @@ def framing_picture(path, seed=7):
     return path
 
 
+def paste_faces(faces_dir, labels_csv, out, n=300, min_age=15, seed=0, size=(1200, 900)):
+    """Photos to test predict.py --find-face on: n labelled face crops (labels_csv: file,age, the
+    files in faces_dir; those of min_age and over) each pasted at a random place and size (180-400
+    px) into a larger picture of noise. Writes out/NAME.jpg and out/labels.csv (file,age)."""
+    rng = np.random.default_rng(seed)
+    labels = dataset.read_csv_strict(labels_csv, ['file', 'age'])
+    labels = labels.assign(age=dataset.parse_column(labels, 'age', labels_csv, allow_nan=False))
+    labels = labels[labels['age'] >= min_age]
+    picked = labels.iloc[np.sort(rng.choice(len(labels), min(n, len(labels)), replace=False))]
+    os.makedirs(out, exist_ok=True)
+    for name in picked['file']:
+        with Image.open(os.path.join(faces_dir, name)) as face:
+            face = face.convert('RGB')
+        side = int(rng.integers(180, 401))
+        noise = rng.normal(rng.uniform(40, 210, 3), 40, (size[1], size[0], 3))
+        photo = Image.fromarray(noise.clip(0, 255).astype(np.uint8))
+        x, y = int(rng.integers(0, size[0] - side)), int(rng.integers(0, size[1] - side))
+        photo.paste(face.resize((side, side), Image.BILINEAR), (x, y))
+        write_atomic(os.path.join(out, name), lambda tmp: photo.save(tmp, 'JPEG', quality=90))
+    write_csv(picked[['file', 'age']], os.path.join(out, 'labels.csv'))
+    return len(picked)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('out', metavar='DIR', nargs='?',
                         help='write the synthetic demo folder here')
     parser.add_argument('--framing', metavar='PNG',
                         help="draw the README's picture of how to frame a photo")
-    parser.add_argument('--n', type=number(int, at_least=20), default=1500, help='labelled rows')
+    parser.add_argument('--paste', metavar='FACES',
+                        help='instead: paste the face crops in the folder FACES (with --labels) '
+                             'into larger pictures, to test predict.py --find-face')
+    parser.add_argument('--labels', metavar='CSV', help='with --paste: file,age of the faces')
+    parser.add_argument('--min-age', type=number(at_least=0), default=15,
+                        help='with --paste: the youngest face to paste')
+    parser.add_argument('--n', type=number(int, at_least=1),
+                        help='labelled rows (at least 20; default 1500), or with --paste the photos '
+                             '(default 300)')
     parser.add_argument('--n-judge', type=number(int, at_least=1), default=300, help='test rows')
     parser.add_argument('--seed', type=number(int, at_least=0), default=0,
                         help='seed of the drawn faces')
@@ -269,12 +304,23 @@ def main(argv=None):
         return run(lambda: print(f'wrote {framing_picture(args.framing)}'))
     if not args.out:
         parser.error('give a folder DIR for the demo data, or --framing PNG')
+    if args.paste:
+        if not args.labels:
+            parser.error('--paste needs --labels CSV (file,age of the faces)')
+
+        def paste():
+            n = paste_faces(args.paste, args.labels, args.out, args.n or 300, args.min_age,
+                            args.seed)
+            print(f'wrote {n} photos and labels.csv to {args.out}')
+        return run(paste)
     if os.path.exists(os.path.join(args.out, 'wiki_labels.csv')):
         parser.error(f'{args.out} already holds a data set; choose another folder')
+    if args.n is not None and args.n < 20:
+        parser.error(f'--n {args.n}: a demo data set needs at least 20 labelled rows')
 
     def work():
-        make_demo_data(args.out, args.n, args.n_judge, args.seed)
-        print(f'wrote {args.n} labelled and {args.n_judge} test images to {args.out}')
+        make_demo_data(args.out, args.n or 1500, args.n_judge, args.seed)
+        print(f'wrote {args.n or 1500} labelled and {args.n_judge} test images to {args.out}')
     return run(work)
 
 

@@ -131,8 +131,9 @@ def plot_both(scatter_path, decades_path, age, pred, title):
 def report(scatter_path, decades_path, age, pred, title, log=print):
     """What every scored set of predictions gets (train.py's validation, cv.py's out-of-fold
     predictions, predict.py --labels): the two pictures and, in the log, the warning of a
-    collapse. Returns the RMSE per decade of true age."""
-    plot_both(scatter_path, decades_path, age, pred, title)
+    collapse. Returns the RMSE per decade of true age. Paths None: no pictures."""
+    if scatter_path is not None:
+        plot_both(scatter_path, decades_path, age, pred, title)
     warning = collapse_warning(age, pred)
     if warning:
         log(warning)

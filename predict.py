@@ -31,6 +31,7 @@ import sys
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 import cli
 import dataset
@@ -166,32 +167,115 @@ def framing_hints(files, ok):
 
 
 def photo_predictions(args, files, checkpoints, device):
-    """--images: the table of path, age for the readable files; the unreadable ones are listed."""
-    print(f'{len(files)} file(s) to read', flush=True)
-    images, problems = dataset.decode_all(files, photo=True)
-    ok = np.array([dataset.usable(p) for p in problems])
+    """--images: the table of path, age (and with --find-face what was done) for every face of
+    the readable files; the unreadable ones are listed."""
+    print(f'{len(files)} file(s) to read' + (', finding faces' if args.find_face else ''),
+          flush=True)
+    if args.find_face:
+        rows = framed_faces(files, face_finder(), args.all_faces)
+    else:
+        images, problems = dataset.decode_all(files, photo=True)
+        rows = [(f, image if dataset.usable(p) else None, '' if dataset.usable(p) else p)
+                for f, image, p in zip(files, images, problems)]
+    ok = np.array([image is not None for _, image, _ in rows])
     if not ok.any():
         raise dataset.DataError(f'--images {" ".join(args.images)}: none of the '
                                 f'{len(files)} file(s) can be read as an image (first: {files[0]}: '
-                                f'{problems[0]})')
-    age = np.full(len(files), np.nan)
-    age[ok], *_ = ensemble_ages(checkpoints, torch.from_numpy(images[ok]), device, args.batch_size,
-                                not args.no_tta, args.precision)
+                                f'{rows[0][2]})')
+    age = np.full(len(rows), np.nan)
+    faces = torch.from_numpy(np.stack([image for _, image, _ in rows if image is not None]))
+    age[ok], *_ = ensemble_ages(checkpoints, faces, device, args.batch_size, not args.no_tta,
+                                args.precision)
     width = max(len(f) for f in files)
     print(f'\n{"file":<{width}}  age')
-    for path, a, problem in zip(files, age, problems):
-        print(f'{path:<{width}}  {a:5.1f}' if np.isfinite(a) else f'{path:<{width}}  unreadable '
-                                                                  f'({problem})')
-    hints = framing_hints(files, ok)
+    for (path, _, what), a in zip(rows, age):
+        print(f'{path:<{width}}  {a:5.1f}  {what}'.rstrip() if np.isfinite(a) else
+              f'{path:<{width}}  unreadable ({what})')
+    hints = [] if args.find_face else framing_hints(files, ok)
     if hints:
         print('\nhint: these look uncropped; ages are best for faces framed like the training '
-              'crops (README, "Your own photos"):\n  ' + '\n  '.join(hints))
-    unreadable = [f for f, good in zip(files, ok) if not good]
+              'crops (--find-face does it; README, "Your own photos"):\n  ' + '\n  '.join(hints))
+    unreadable = [f for (f, _, _), good in zip(rows, ok) if not good]
     if unreadable:
         print(f'warning: {len(unreadable)} file(s) could not be read as images and are not in the '
-              'CSV: '
-              + ', '.join(unreadable), file=sys.stderr)
-    return pd.DataFrame({'path': np.asarray(files)[ok], 'age': np.round(age[ok], 4)})
+              'CSV: ' + ', '.join(unreadable), file=sys.stderr)
+    table = pd.DataFrame({'path': [r[0] for r in rows], 'age': np.round(age, 4),
+                          'face': [r[2] for r in rows]})[ok]
+    return table if args.find_face else table.drop(columns='face')
+
+
+# ----------------------------------------------------------------------------- finding the face
+
+# Where the face finder (MTCNN) puts the face in the training crops, as shares of the crop's side:
+# its box's width and height and its centre (RESULTS.md, Framing). --find-face crops a photo so
+# that its face sits the same way.
+FACE_BOX = {'width': 0.540, 'height': 0.705, 'centre_x': 0.497, 'centre_y': 0.460}
+DETECT_SIDE = 1600  # px: larger photos are searched at this size (the boxes scaled back)
+FACES_EXTRA = 'pip install --no-deps -r requirements-faces.txt'
+
+
+def face_finder():
+    """MTCNN (facenet-pytorch, its weights inside the wheel: nothing is downloaded) as a function
+    of an RGB image -> [(probability, (x0, y0, x1, y1))], the most probable face first."""
+    try:
+        from facenet_pytorch import MTCNN  # the optional extra, not a run-time requirement
+    except ImportError as e:
+        raise dataset.UserError(f'--find-face needs the face finder, which is not installed '
+                                f'({e}); install it with: {FACES_EXTRA}') from None
+    mtcnn = MTCNN(device='cpu', keep_all=True)
+
+    def find(rgb):
+        boxes, probs = mtcnn.detect(rgb)
+        if boxes is None:
+            return []
+        found = zip(np.asarray(probs, float), np.asarray(boxes, float).tolist())
+        return sorted(((p, tuple(b)) for p, b in found), key=lambda f: -f[0])
+    return find
+
+
+def framed_faces(files, find, all_faces=False):
+    """--find-face: [(path, face as a 100x100 uint8 array or None, what was done or the problem)]:
+    each photo upright, its most probable face (every face with all_faces) cropped to a square
+    framed as the training crops are (face_square), or its centre square when none is found."""
+    rows = []
+    for path in files:
+        try:
+            im, note = dataset.open_image(path, photo=True)
+        except FileNotFoundError:
+            rows.append((path, None, 'missing'))
+            continue
+        except (OSError, SyntaxError, ValueError) as e:
+            rows.append((path, None, f'unreadable: {type(e).__name__}: {e}'.strip()))
+            continue
+        with im:
+            found = find_in(find, im)
+            if not found:
+                rows.append((path, dataset.face_array(im.crop(dataset.centre_square(im.size)),
+                                                      note)[0], 'no face found: centre crop'))
+            for p, (x0, y0, x1, y1) in found if all_faces else found[:1]:
+                face = dataset.face_array(im.crop(face_square((x0, y0, x1, y1))), [])[0]
+                where = f'{x0:.0f},{y0:.0f},{x1 - x0:.0f},{y1 - y0:.0f}'
+                rows.append((path, face, f'found face {p:.2f} at {where}'))
+    return rows
+
+
+def find_in(find, im):
+    """The faces `find` sees in a PIL image of any mode, searched at most DETECT_SIDE px wide."""
+    rgb = dataset.to_8bit(im).convert('RGB')
+    shrink = max(1.0, max(rgb.size) / DETECT_SIDE)
+    if shrink > 1:
+        rgb = rgb.resize((round(rgb.width / shrink), round(rgb.height / shrink)), Image.BILINEAR)
+    return [(p, tuple(v * shrink for v in box)) for p, box in find(rgb)]
+
+
+def face_square(box):
+    """The square (left, top, right, bottom) around a face box (x0, y0, x1, y1) in which the face
+    sits as in the training crops (FACE_BOX); parts beyond the photo come out black."""
+    x0, y0, x1, y1 = box
+    side = ((x1 - x0) / FACE_BOX['width'] + (y1 - y0) / FACE_BOX['height']) / 2
+    left = (x0 + x1) / 2 - FACE_BOX['centre_x'] * side
+    top = (y0 + y1) / 2 - FACE_BOX['centre_y'] * side
+    return tuple(round(v) for v in (left, top, left + side, top + side))
 
 
 def read_age_labels(path, key):
@@ -248,12 +332,22 @@ def report_labels(labels_path, truth, pred, out):
     """RMSE, MAE, R^2 and RMSE per decade of the labelled images; the two plots beside `out`."""
     m = metrics.scores(truth, pred)
     print(f'RMSE {m["rmse"]:.3f}  MAE {m["mae"]:.3f}  R^2 {m["r2"]:.3f}  (n={m["n"]})')
-    stem = os.path.splitext(out)[0]
-    by_decade = metrics.report(f'{stem}_vs_actual.png', f'{stem}_by_decade.png', truth, pred,
+    plots = plot_paths(out)
+    by_decade = metrics.report(*(plots or (None, None)), truth, pred,
                                f'{os.path.basename(labels_path)}, {len(truth)} labelled images')
     print('RMSE by decade of the true age: ' + ', '.join(
         f'{name} {v["rmse"]:.1f} (n={v["n"]})' for name, v in by_decade.items()))
-    print(f'wrote {stem}_vs_actual.png and {stem}_by_decade.png')
+    print(f'wrote {plots[0]} and {plots[1]}' if plots else
+          f'no plots: --out {out} is not a file to put them beside')
+
+
+def plot_paths(out):
+    """The two plots of --labels beside --out (OUT_vs_actual.png, OUT_by_decade.png); None when
+    --out is not a regular file (/dev/null, a pipe), which has no folder to put them beside."""
+    if os.path.exists(out) and not os.path.isfile(out):
+        return None
+    stem = os.path.splitext(out)[0]
+    return f'{stem}_vs_actual.png', f'{stem}_by_decade.png'
 
 
 def build_parser():
@@ -265,6 +359,12 @@ def build_parser():
                                        'the submission')
     source.add_argument('--images', nargs='+', metavar='PATH',
                         help='image files and folders: path,age for each')
+    parser.add_argument('--find-face', action='store_true',
+                        help='with --images: find the face in each photo and crop it as the '
+                             f'training crops are framed (needs the optional extra: {FACES_EXTRA})')
+    parser.add_argument('--all-faces', action='store_true',
+                        help='with --find-face: a row for every face found, not only the most '
+                             'probable one')
     parser.add_argument('--labels', metavar='CSV',
                         help='true ages to score the predictions: a CSV of file,age with --images, '
                              'of ID,age with --data')
@@ -282,6 +382,12 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.find_face and not args.images:
+        parser.error('--find-face works on --images (the Kaggle crops are faces already)')
+    if args.all_faces and not args.find_face:
+        parser.error('--all-faces needs --find-face')
+    if args.all_faces and args.labels:
+        parser.error('--labels scores one face a photo: leave out --all-faces')
     out = args.out or ('submission.csv' if args.data else 'predictions.csv')
 
     def work():
@@ -298,9 +404,8 @@ def main(argv=None):
             photos = find_images(args.images,
                                  skip={os.path.abspath(args.labels)} if args.labels else set())
             inputs = photos + [args.labels]
-        stem = os.path.splitext(out)[0]
-        for written in [out] + ([f'{stem}_vs_actual.png',
-                                 f'{stem}_by_decade.png'] if labels is not None else []):
+        plots = (plot_paths(out) or ()) if labels is not None else ()
+        for written in (out, *plots):
             cli.refuse_overwriting_inputs(parser, '--out', written, inputs + checkpoints)
         if args.data:
             table = kaggle_submission(args, files, checkpoints, device)

@@ -21,11 +21,9 @@ import os
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import clean_data
 import cli

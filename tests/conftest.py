@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,33 @@ sys.path.insert(0, ROOT)
 import clean_data  # noqa: E402
 import train  # noqa: E402
 import demo_data  # noqa: E402
+
+# A run that takes seconds: the cnn at 32 px, two epochs, a progress line every step.
+FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
+        '2', '--device', 'cpu', '--log-every', '1']
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    return lines[0]
+
+
+def usage_error(main, argv, capsys):
+    """The last line argparse prints for a usage error (exit code 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def copy_data(tiny_data, tmp_path, images=True):
+    """A copy of tiny_data to edit; images=False leaves its image folder empty."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data,
+                    ignore=None if images else shutil.ignore_patterns('wiki_labeled'))
+    (data / 'wiki_labeled').mkdir(exist_ok=True)
+    return data
 
 
 @pytest.fixture(scope='session')

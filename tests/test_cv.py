@@ -14,10 +14,7 @@ import cv
 import models
 import predict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
-        '2', '--device', 'cpu', '--log-every', '100']
+from conftest import FAST, ROOT  # noqa: E402
 
 
 def test_grid_expands_every_combination_with_types():

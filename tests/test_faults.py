@@ -22,16 +22,9 @@ import models
 import predict
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
-        '2',
-        '--device', 'cpu', '--log-every', '1']
+from conftest import FAST, ROOT, one_error_line  # noqa: E402
 
 
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
-    return lines[0]
 
 
 def test_resume_on_another_kind_of_device(tiny_data, tmp_path, interrupt):

@@ -24,10 +24,7 @@ import train
 
 CNN_WIDTHS = train.RECIPE['widths']['cnn']
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['--model', 'cnn', '--weights', 'none', '--size', '32', '--batch-size', '16', '--epochs',
-        '2',
-        '--device', 'cpu', '--log-every', '1']
+from conftest import FAST, ROOT  # noqa: E402
 
 
 def run_train(data, out_dir, *extra):
@@ -44,28 +41,6 @@ def trained(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('run') / 'cnn'
     assert run_train(tiny_data, out) == 0
     return str(out)
-
-
-def test_start_here_one_epoch_on_a_few_demo_faces(tiny_data, tmp_path):
-    """Start here. One epoch of the baseline cnn on 60 synthetic faces, on the CPU, and what its run
-    folder then holds: best.pt (the model, all predict.py needs), history.csv (a row per epoch),
-    metrics.json (the final scores), val_predictions.csv (a row per validation face) and the two
-    plots. No last.pt: that is only there while a run can still be resumed."""
-    out = tmp_path / 'first'
-    assert train.main(['--data', tiny_data, '--out-dir', str(out), '--model', 'cnn', '--limit',
-                       '60',
-                       '--epochs', '1', '--size', '32', '--device', 'cpu']) == 0
-    assert sorted(os.listdir(out)) == ['best.pt', 'error_by_decade.png', 'history.csv',
-                                       'metrics.json',
-                                       'predictions.png', 'val_predictions.csv']
-    assert len(pd.read_csv(out / 'history.csv')) == 1
-    scores = read_json(out / 'metrics.json')
-    val = pd.read_csv(out / 'val_predictions.csv')
-    assert scores['n_val'] == len(val) > 0 and scores['epochs_run'] == 1
-    rmse = np.sqrt(np.mean((val['prediction'] - val['age']) ** 2))
-    assert scores['val_rmse'] == pytest.approx(rmse, rel=1e-4)
-    model, ckpt = predict.load_model(str(out / 'best.pt'), torch.device('cpu'))
-    assert (ckpt['model_name'], ckpt['size']) == ('cnn', 32)
 
 
 def test_train_writes_the_run_directory(trained):
