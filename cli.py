@@ -417,7 +417,7 @@ def folder_holder(path):
 def in_use(path):
     """Whether a live command holds the folder `path`; if so, says so in one line (its PID). Under
     torchrun only process 0 asks: it is the one that claims the folder."""
-    holder = folder_holder(path) if os.environ.get('RANK', '0') == '0' else None
+    holder = folder_holder(path) if path and os.environ.get('RANK', '0') == '0' else None
     if holder:
         error(f'{path} is in use by another run (PID {holder}); wait for it to end, or choose '
               'another folder')

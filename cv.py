@@ -154,9 +154,9 @@ def main(argv=None):
         return cli.run(lambda: worker_command(args, combos), batch_size=args.batch_size)
     # The same command again resumes; a different one must not mix its results into this folder.
     identity = {k: v for k, v in vars(args).items() if k not in HOW_TO_RUN}
-    check_out_dir(parser, args.out_dir, identity)
     if cli.in_use(args.out_dir):  # the same command in two terminals
         return 1
+    check_out_dir(parser, args.out_dir, identity)
     return cli.run(lambda: cv_command(args, combos, identity, argv), batch_size=args.batch_size,
                    interrupted='interrupted; run the same command again to go on')
 

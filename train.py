@@ -546,6 +546,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = cli.parse_args(parser, argv)
+    if cli.in_use(args.resume or args.out_dir):  # two terminals, or an SSH command sent twice
+        return 1
     resume = None
     if args.resume:
         args, resume = cli.resumed_options(parser, args, build_parser())
@@ -558,8 +560,6 @@ def main(argv=None):
         if cli.holds_a_run(args.out_dir):
             parser.error(f'--out-dir {args.out_dir} already holds a run; '
                          + cli.how_to_go_on(args.out_dir))
-    if cli.in_use(args.out_dir):  # two terminals, or an SSH command sent twice
-        return 1
     return cli.run(lambda: train_command(args, resume), batch_size=args.batch_size)
 
 
