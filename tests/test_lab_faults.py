@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -89,33 +90,49 @@ def test_a_full_disk_in_cv_leaves_nothing_that_blocks_the_same_command(tiny_data
 def test_an_output_that_is_a_pipe_is_written_into_not_replaced(tiny_data, trained, tmp_path):
     fifo = tmp_path / 'pipe'
     os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
-    reader.start()
+    received = reading(fifo)
     assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', str(fifo),
                          '--device', 'cpu']) == 0
-    reader.join(timeout=60)
+    for _ in range(600):
+        if received:
+            break
+        time.sleep(0.1)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still the pipe, not a file renamed over it
     assert received[0].startswith('ID,age\n') and len(received[0].splitlines()) == 21
     assert os.listdir(tmp_path) == ['pipe']
 
 
-@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='/dev/full is Linux\'s')
-def test_dev_full_is_a_full_disk_and_stays_a_device(tiny_data, trained, capsys):
-    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out', '/dev/full',
-                         '--device', 'cpu']) == 1
-    err = capsys.readouterr().err.strip().splitlines()  # after the tiny model's collapse warning
-    assert err[-1] == 'error: cannot write /dev/full (No space left on device)'
-    assert stat.S_ISCHR(os.stat('/dev/full').st_mode)
+def reading(fifo):
+    """A reader of the pipe `fifo` (what the shell puts behind `--out >(...)`): its text, once
+    the writer closes it, in the list returned."""
+    received = []
+    threading.Thread(target=lambda: received.append(open(fifo).read()), daemon=True).start()
+    return received
 
 
-def test_labels_onto_dev_null_score_without_plots_in_dev(tiny_data, trained, capsys):
+def test_labels_onto_a_pipe_score_without_plots_beside_it(tiny_data, trained, tmp_path, capsys):
+    os.mkfifo(tmp_path / 'pipe')
+    reading(tmp_path / 'pipe')
     answers = os.path.join(tiny_data, 'demo_judge_answers.csv')
     assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--labels', answers,
-                         '--out', os.devnull, '--device', 'cpu']) == 0
+                         '--out', str(tmp_path / 'pipe'), '--device', 'cpu']) == 0
     printed = capsys.readouterr().out
-    assert 'RMSE ' in printed and f'no plots: --out {os.devnull} is not a file' in printed
-    assert not os.path.exists(f'{os.devnull}_vs_actual.png')
+    assert 'RMSE ' in printed and f'no plots: --out {tmp_path}/pipe is not a file' in printed
+    assert os.listdir(tmp_path) == ['pipe']
+
+
+def test_a_device_that_is_full_ends_in_one_line(tiny_data, trained, tmp_path, monkeypatch, capsys):
+    """As `--out /dev/full` does: the write into the device fails with ENOSPC."""
+    os.mkfifo(tmp_path / 'pipe')
+
+    def full(*a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(pd.DataFrame, 'to_csv', full)
+    assert predict.main(['--checkpoint', trained, '--data', tiny_data, '--out',
+                         str(tmp_path / 'pipe'), '--device', 'cpu']) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # after the tiny model's collapse warning
+    assert err[-1] == f'error: cannot write {tmp_path}/pipe (No space left on device)'
+    assert stat.S_ISFIFO(os.stat(tmp_path / 'pipe').st_mode)
 
 
 def test_the_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
