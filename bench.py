@@ -559,21 +559,26 @@ def report(args, device, measured, load_before, start):
     return result
 
 
+def defaults(args, device):
+    """(size, batch size): the flags', else train.RECIPE's for the model (the batch by device)."""
+    batch = train.RECIPE['batch_cpu' if device.type == 'cpu' else 'batch_gpu'][args.model]
+    return args.size or train.RECIPE['size'][args.model], args.batch_size or batch
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.seconds, args.min_steps, args.min_loop_steps = min(args.n, 64), 0.2, 3, 3
-    args.size = args.size or train.RECIPE['size'][args.model]
+    args.size = args.size or train.RECIPE['size'][args.model]  # before the size is checked
     cli.check_size(parser, args)
     cli.refuse_overwriting_inputs(parser, '--json', args.json,
                                   [args.data and os.path.join(args.data, 'wiki_labels.csv')])
 
     def work():
         device = models.pick_device(args.device)
-        on = 'batch_cpu' if device.type == 'cpu' else 'batch_gpu'
-        args.batch_size = args.batch_size or train.RECIPE[on][args.model]
+        args.size, args.batch_size = defaults(args, device)
         if args.seconds is None:
             args.seconds = 5.0 if device.type == 'cpu' else 10.0
         log = lambda *a: print(*a, flush=True)  # noqa: E731

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import clean_data
 import dataset
+import predict
 from cli import HelpFormatter, number, run
 from dataset import AGE_RANGE, IMAGE_SIZE, LABEL_COLUMNS, parse_list, write_atomic, write_csv
 
@@ -219,38 +220,48 @@ def prepare(data_dir, csv, log=print):
 
 
 def framing_picture(path, seed=7):
-    """The README's picture of how to frame a photo, from drawn faces only: a training-like face,
-    then one synthetic photo cropped well, cropped too tight, and not cropped at all."""
+    """The README's picture of framing, from drawn faces only: a training face with the face box a
+    finder reports in it; a photo with the box found and the square --find-face crops around it;
+    that crop, framed as the training face is; and what a photo gives without --find-face."""
     rng = np.random.default_rng(seed)
     training = Image.fromarray(draw_face(rng, 35, True))
-    # A "photo": a wider scene with shoulders, the face (a second drawing) in its upper middle.
+    # A "photo": a wide scene with shoulders, the face (a second drawing) off its centre.
     head = draw_face(rng, 35, True)
     bg = int(np.median(np.concatenate([head[:8].ravel(), head[:, :8].ravel()])))
-    scene = Image.new('L', (400, 300), bg)
+    scene = Image.new('L', (600, 300), bg)
     d = ImageDraw.Draw(scene)
-    d.chord([70, 200, 330, 420], 180, 360, fill=max(0, bg - 60))  # shoulders
-    d.rectangle([170, 160, 230, 215], fill=int(np.clip(bg + 40, 0, 255)))  # neck
-    box = (125, 25, 275, 175)  # where the 150x150 head goes: the framing of the training crops
-    scene.paste(Image.fromarray(head).resize((150, 150), Image.BILINEAR), box[:2])
-    tight = (box[0] + 40, box[1] + 50, box[2] - 40, box[3] - 30)
-    panels = [(training, 'a training face'), (scene.crop(box), 'good: face and margin'),
-              (scene.crop(tight), 'bad: too tight'),
-              (scene, 'bad: whole photo (box: the part used)')]
-    W, H, pad = 200, 200, 12  # each panel shown at 200 px
+    d.chord([320, 200, 580, 420], 180, 360, fill=max(0, bg - 60))  # shoulders
+    d.rectangle([420, 160, 480, 215], fill=int(np.clip(bg + 40, 0, 255)))  # neck
+    scene.paste(Image.fromarray(head).resize((150, 150), Image.BILINEAR), (375, 25))
+    face = face_box(375, 25, 150)  # where a finder puts the face box in such a crop
+    square = predict.face_square(face)  # ... and the square --find-face crops around it
+    panels = [(training, 'a training face', [face_box(0, 0, 100)]),
+              (scene, '--find-face: box, square', [face, square]),
+              (scene.crop(square), 'the crop: as in training', []),
+              (scene.crop(dataset.centre_square(scene.size)), 'without it: centre square', [])]
+    W, H, pad = 200, 200, 12  # each panel shown at 200 px wide
     picture = Image.new('L', (len(panels) * (W + pad) + pad, H + 2 * pad + 30), 255)
     d = ImageDraw.Draw(picture)
-    for i, (im, caption) in enumerate(panels):
-        x = pad + i * (W + pad)
-        shown = im.resize((W, round(W * im.size[1] / im.size[0])), Image.BILINEAR)
+    for i, (im, caption, boxes) in enumerate(panels):
+        x, scale = pad + i * (W + pad), W / im.size[0]
+        shown = im.resize((W, round(im.size[1] * scale)), Image.BILINEAR)
         y = pad + (H - shown.size[1]) // 2
         picture.paste(shown, (x, y))
-        if im is scene:  # predict.py uses the centre square of a wide photo
-            side = shown.size[1]
-            left = x + (W - side) // 2
-            d.rectangle([left, y, left + side - 1, y + side - 1], outline=0)
+        for box in boxes:
+            d.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale,
+                         y + box[3] * scale], outline=255 if box is boxes[0] else 0)
         d.text((x, H + pad + 8), caption, fill=0)
     write_atomic(path, lambda tmp: picture.save(tmp))
     return path
+
+
+def face_box(left, top, side):
+    """The face box a finder reports in a crop of `side` px at (left, top) that is framed as the
+    training crops are (predict.FACE_BOX)."""
+    b = predict.FACE_BOX
+    cx, cy, w, h = left + b['centre_x'] * side, top + b['centre_y'] * side, b['width'] * side, \
+        b['height'] * side
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
 def paste_faces(faces_dir, labels_csv, out, n=300, min_age=15, seed=0, size=(1200, 900)):

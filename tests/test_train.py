@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 import clean_data
+import bench
 import cli
+import cv
 import dataset
 import demo_data
 import models
@@ -562,6 +564,51 @@ def test_the_recipe_table_is_the_one_place_a_default_is_set(monkeypatch):
     rows = types.SimpleNamespace(train=range(64), age_mean=40.0, age_std=10.0)
     run = train.start_run(dex, rows, 'unused', torch.device('cpu'), 0, 1, print)
     assert run.learner.criterion.sigma == 2.5 and run.strengths['rotation'] == 0.0
+
+
+def cnn_run(monkeypatch, entry, value, *argv):
+    """A cnn run's pieces (start_run, without training) after train.RECIPE[entry]['cnn'] = value."""
+    monkeypatch.setitem(train.RECIPE[entry], 'cnn', value)
+    args = cli.parse_args(train.build_parser(), ['--model', 'cnn', '--device', 'cpu', *argv])
+    rows = types.SimpleNamespace(train=range(64), age_mean=40.0, age_std=10.0)
+    return train.start_run(args, rows, 'unused', torch.device('cpu'), 0, 1, print)
+
+
+@pytest.mark.parametrize('entry, value, argv, follows', [
+    ('train_min_face_score', 2.5, [], lambda r: r.args.train_min_face_score == 2.5),
+    ('train_keep_second_face', True, [], lambda r: r.args.train_keep_second_face is True),
+    ('ema', 0.9, [], lambda r: r.learner.ema is not None),
+    ('tta', False, [], lambda r: r.args.tta is False),
+    ('patience', 4, [], lambda r: r.args.patience == 4),
+    ('val_frac', 0.25, [], lambda r: r.args.val_frac == 0.25),
+    ('widths', (8, 16), [], lambda r: models.cnn_widths(r.learner.model.state_dict()) == [8, 16]),
+    ('dropout', 0.5, [], lambda r: r.learner.model.backbone[-2].p == 0.5),
+    ('warmup_epochs', 1, ['--epochs', '10'], lambda r: r.schedule.warmup_steps == 2),
+])
+def test_every_recipe_entry_is_the_one_place_its_default_is_set(monkeypatch, entry, value, argv,
+                                                                follows):
+    """Change one entry of RECIPE: the parser, the model or the schedule of a run follows."""
+    assert not follows(cnn_run(monkeypatch, entry, train.RECIPE[entry]['cnn'], *argv))
+    assert follows(cnn_run(monkeypatch, entry, value, *argv))
+
+
+def test_a_pretrained_backbone_learns_at_the_recipes_share_of_lr(monkeypatch):
+    monkeypatch.setitem(train.RECIPE['backbone_lr_share'], 'resnet50', 0.5)
+    args = cli.parse_args(train.build_parser(), ['--device', 'cpu', '--lr', '1e-3'])
+    assert args.weights == 'imagenet'
+    assert models.backbone_lr(args, train.recipe_of('resnet50')) == 5e-4
+    args.weights = 'none'  # from scratch: every layer at --lr
+    assert models.backbone_lr(args, train.recipe_of('resnet50')) == 1e-3
+
+
+def test_bench_and_cv_read_the_same_table(monkeypatch):
+    monkeypatch.setitem(train.RECIPE['size'], 'cnn', 40)
+    monkeypatch.setitem(train.RECIPE['batch_cpu'], 'cnn', 24)
+    monkeypatch.setitem(train.RECIPE['folds'], 'cnn', 3)
+    assert cli.parse_args(cv.build_parser(), ['--model', 'cnn', '--device', 'cpu'],
+                          cv=True).folds == 3
+    assert bench.defaults(bench.build_parser().parse_args(['--model', 'cnn']),
+                          torch.device('cpu'))[:2] == (40, 24)
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
