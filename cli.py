@@ -6,6 +6,7 @@ A mistake ends a script with one line on stderr that names the file, row or flag
 code: 2 for a flag (argparse's usage errors), 1 for a bad input file or a run that failed, 130 for
 Ctrl-C. No traceback, and nothing half-written: each script checks its inputs before it writes
 its first output, and a folder it made for a run that failed before writing anything is removed.
+A run folder is claimed by one command at a time (output_folder).
 """
 import argparse
 import contextlib

@@ -3,9 +3,10 @@ ImageNet-pretrained when the weights are on disk) with a one-number regression h
 
 Both predict the age standardised by the training set's mean and standard deviation, which are
 stored in the model as buffers, so a checkpoint alone maps outputs back to years. Also here: the
-losses (DEX's beside its head), the optimizer, THE prediction path (`predict_ages`), where and
-how a model runs (device, autocast, memory layout), and reading checkpoint and weights files,
-whose fields are checked once, when they are loaded.
+losses (DEX's beside its head), the Learner (model, optimizer, loss and the rest a step uses),
+THE prediction path (`predict_ages`), where and how a model runs (device, precision and autocast,
+memory layout), and reading checkpoint and weights files, whose fields are checked once, when
+they are loaded.
 """
 import contextlib
 import dataclasses

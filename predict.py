@@ -4,6 +4,7 @@
     python predict.py --checkpoint runs/cv-resnet50 --data data/wiki      # the CV run's fold models
     python predict.py --checkpoint a/best.pt b/best.pt --data data/wiki --no-tta  # two, no flip
     python predict.py --checkpoint runs/r50 --images me.jpg photos/        # your own photos
+    python predict.py --checkpoint runs/r50 --images holiday/ --find-face  # ... their faces found
     python predict.py --checkpoint runs/r50 --images faces/ --labels faces/ages.csv  # score them
     python predict.py --checkpoint runs/demo-... --data data/demo --labels ANSWERS  # see below
 
@@ -17,7 +18,9 @@ demo_judge_answers.csv; Kaggle keeps the real test set's ages hidden).
 
 Every image goes through the preprocessing of validation in train.py (grey, 100x100, the same
 normalisation), and horizontal-flip test-time augmentation averages each face with its mirror
-image. A photo is first turned upright by its EXIF orientation and centre-cropped to a square.
+image. A photo is first turned upright by its EXIF orientation and centre-cropped to a square, or
+with --find-face cropped around its face as the training crops are framed (the optional face
+finder: pip install --no-deps -r requirements-faces.txt).
 
 models.predict_ages is THE prediction path: train.py's validation and cv.py's out-of-fold
 predictions call it too, so a checkpoint gives the same ages here as in the run that made it.

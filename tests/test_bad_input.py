@@ -370,15 +370,15 @@ def test_a_failed_cv_run_leaves_nothing_and_the_corrected_command_runs(tiny_data
 
 
 def test_a_cv_folder_without_results_is_free_for_another_command(tiny_data, tmp_path, monkeypatch):
-    """A run that failed inside its first fold (out of memory, say) left config.json and folds.csv
-    but no result: a command with other options may take the folder over."""
+    """A run that failed inside its first fold (out of memory, say) leaves nothing behind (no
+    config.json, folds.csv or empty fold folder): a command with other options may take it."""
     out = tmp_path / 'cv'
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError('CUDA out of memory')
     monkeypatch.setattr(train, 'fit', oom)
     assert cv.main(['--data', tiny_data, *FAST, '--folds', '2', '--out-dir', str(out)]) == 1
-    assert (out / 'config.json').exists()
+    assert not out.exists()
     monkeypatch.undo()
     assert cv.main(['--data', tiny_data, *FAST, '--batch-size', '8', '--folds', '2', '--out-dir',
                     str(out)]) == 0
