@@ -195,9 +195,10 @@ def cv_command(args, combos, identity, argv):
         cells = all_runs(combos, args.folds)
         jobs, threads = parallel_plan(args, world, len(cells))
         side_by_side = f', {jobs} at a time, {threads} thread(s) each' if jobs > 1 else ''
+        precision, why = models.choose_precision(args.precision, device, args.demo)
         log(f'{len(table)} rows, {table["person"].nunique()} people, {args.folds} folds of '
             f'{np.bincount(folds).tolist()} rows; {len(combos)} combination(s) -> {len(cells)} '
-            f'runs{side_by_side}')
+            f'runs{side_by_side}; {precision}: {why}')
         # made and claimed only now that the inputs are checked
         with cli.output_folder(args.out_dir, claim=rank == 0), tidy_on_failure(args.out_dir, rank):
             if rank == 0:
