@@ -257,9 +257,12 @@ def flags(parser, values, skip=(), changed_only=False):
 
 def how_to_go_on(out_dir):
     """What to type next for a folder that holds a run: --resume where last.pt is there, else a
-    new folder (a run killed before its first last.pt has nothing to resume from)."""
+    new folder (a run killed before its first last.pt has nothing to resume from); a folder that
+    holds nothing (a run that failed before its first file) takes the same command again."""
     if os.path.exists(os.path.join(out_dir, 'last.pt')):
         return f'continue it with --resume {out_dir}, or choose a new --out-dir'
+    if not holds_a_run(out_dir):
+        return 'run the same command again'
     stem = os.path.normpath(out_dir)
     free = next(f'{stem}-{i}' for i in range(2, 10_000) if not os.path.exists(f'{stem}-{i}'))
     return f'it cannot be resumed (no last.pt): choose a new --out-dir, such as {free}'

@@ -59,6 +59,20 @@ def test_a_full_disk_at_last_pt_says_what_is_kept_and_what_runs_next(tiny_data, 
     assert train.main(['--data', tiny_data, '--out-dir', f'{out}-2', *FAST]) == 0  # and that does
 
 
+def test_a_full_disk_at_the_first_best_pt_leaves_no_folder_and_the_same_command_runs(
+        tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    argv = ['--data', tiny_data, '--out-dir', str(out), *FAST]
+    full_disk_at(monkeypatch, 'best')
+    assert train.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f'cannot write {out}/best.pt (No space left on device)' in line
+    assert line.endswith('no best.pt was saved; once there is space, run the same command again')
+    assert not out.exists()
+    monkeypatch.undo()
+    assert train.main(argv) == 0
+
+
 def test_a_full_disk_at_best_pt_after_a_last_pt_offers_resume(tiny_data, tmp_path, monkeypatch,
                                                                capsys, interrupt):
     out = tmp_path / 'run'
