@@ -318,14 +318,14 @@ def choose_precision(name, device, demo=False):
     """--precision: (the precision a run computes in, why). 'auto' takes bf16 where the device
     computes it natively (a CPU with AVX512-BF16 or AMX, a GPU of the Ampere generation or newer),
     fp16 with loss scaling on older GPUs such as Kaggle's T4 and P100, and fp32 elsewhere; --demo
-    stays in fp32, so that every machine prints the same numbers."""
+    stays in fp32, so that a bf16 unit does not change its numbers."""
     if name == 'fp16' and device.type != 'cuda':
         raise dataset.UserError(f'--precision fp16 needs a CUDA GPU (this run is on '
                                 f'{device.type}); use bf16 or fp32')
     if name != 'auto':
         return name, f'--precision {name}'
     if demo:
-        return 'fp32', '--demo computes in fp32, so that every machine prints the same numbers'
+        return 'fp32', '--demo computes in fp32 on every machine'
     if device.type == 'cuda':
         gpu = torch.cuda.get_device_name(device)
         if torch.cuda.is_bf16_supported(including_emulation=False):

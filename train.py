@@ -72,7 +72,7 @@ RECIPE = {
 AUGMENTATION = ('crop_area', 'crop_aspect', 'rotation', 'flip', 'brightness', 'contrast')
 
 # What --demo changes (not the recipe): synthetic faces from scratch, a few minutes on a laptop,
-# ended by epochs and in fp32, so that every machine prints the same numbers.
+# ended by epochs and in fp32, so that a machine's speed or bf16 unit does not change its numbers.
 DEMO = {
     #                    cnn               resnet50
     'weights':      dict(cnn='none',       resnet50='none'),  # nothing to download

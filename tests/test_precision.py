@@ -120,7 +120,7 @@ def train_tiny(tiny_data, out, *flags):
 
 
 def test_the_demo_stays_fp32_on_a_cpu_that_computes_bf16(tiny_data, tmp_path, monkeypatch):
-    """--demo promises the same numbers on every machine: on a CPU with native bf16 it trains
+    """--demo does not depend on a bf16 unit: on a CPU with native bf16 it trains
     exactly as --precision fp32 does, to the last digit."""
     cpu_with(monkeypatch, avx512_bf16=True)
     fp32 = train_tiny(tiny_data, tmp_path / 'fp32', '--precision', 'fp32')
