@@ -333,11 +333,6 @@ def run(work, batch_size=None, interrupted='interrupted'):
     return 1
 
 
-def fmt_time(seconds):
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 def log_on(rank):
     """The log of a process: print (flushed, for `tail -f`) on process 0 of a torchrun job and in
     a plain run, nothing on the others, which would repeat it."""

@@ -308,7 +308,7 @@ def run_parallel(args, argv, combos, cells, jobs, threads, log):
                 if proc.returncode == 0:
                     done += 1
                     tagged(log, i, n)(f'finished: {done} of {n} runs done, elapsed '
-                                      f'{cli.fmt_time(time.time() - start)}')
+                                      f'{train.hms(time.time() - start)}')
                 elif not workers.caught:
                     failed.append(f'[{i + 1}/{n}]')
     if workers.caught:

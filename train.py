@@ -346,10 +346,9 @@ def log_progress(run, epoch, done, line, loss_read):
     mean_loss = (p.loss_sum + loss_read) / done
     steps_left = (s.epochs - epoch) * s.steps_per_epoch - done
     lr = run.learner.optimizer.param_groups[0]['lr']
-    left = time_left(s, steps_left, seconds_per_step)
     run.log(f'epoch {epoch_name(run, epoch)} step {done}/{s.steps_per_epoch} loss {mean_loss:.4f} '
             f'lr {lr:.2e} {s.batch * run.world / max(seconds_per_step, 1e-9):.0f} img/s elapsed '
-            f'{cli.fmt_time(time.time() - s.start)} left ~{cli.fmt_time(left)}')
+            f'{hms(time.time() - s.start)} left ~{hms(time_left(s, steps_left, seconds_per_step))}')
 
 
 def epoch_name(run, epoch):
@@ -360,6 +359,11 @@ def time_left(s, steps_left, seconds_per_step):
     """Seconds to the end of the run at this pace, or to the --time-limit if that comes first."""
     left = steps_left * max(seconds_per_step, 1e-9)
     return min(left, s.deadline - time.time()) if s.deadline else left
+
+
+def hms(seconds):
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 # ----------------------------------------------------------------------------- validation, best.pt
@@ -427,8 +431,8 @@ def save_epoch(run, epoch, improved):
     left = time_left(s, (s.epochs - epoch - 1) * s.steps_per_epoch, seconds_per_step)
     run.log(f'epoch {epoch_name(run, epoch)} train_loss {row["train_loss"]:.4f} val_rmse '
             f'{row["val_rmse"]:.3f} val_mae {row["val_mae"]:.3f} val_r2 {row["val_r2"]:.3f} '
-            f'{row["img_per_s"]:.0f} img/s elapsed {cli.fmt_time(row["seconds"])} left '
-            f'~{cli.fmt_time(left)}' + ('  *best' if improved else ''))
+            f'{row["img_per_s"]:.0f} img/s elapsed {hms(row["seconds"])} left '
+            f'~{hms(left)}' + ('  *best' if improved else ''))
     if improved:
         models.save_file(os.path.join(run.out_dir, 'best.pt'),
                          {**model_fields(run), 'model': run.learner.evaluated().state_dict(),
@@ -485,9 +489,8 @@ def finish(run, ending):
               'stopped': ending.value, 'seconds': time.time() - run.schedule.start,
               'train_img_per_s': p.train_images / max(p.train_seconds, 1e-9),
               'n_train': len(rows.train), 'n_val': len(rows.val), 'device': str(run.device),
-              'world_size': run.world,
-              'model': run.args.model, 'size': run.args.size, 'precision': run.learner.precision,
-              'precision_why': run.learner.precision_why}
+              'world_size': run.world, 'model': run.args.model, 'size': run.args.size,
+              'precision': run.learner.precision, 'precision_why': run.learner.precision_why}
     pred = None
     if len(rows.val):
         if run.rank == 0:
@@ -555,8 +558,7 @@ def main(argv=None):
             return 1
     else:
         name = 'demo' if args.demo else f'{args.model}-{args.loss}'
-        args.out_dir = args.out_dir or os.path.join('runs',
-                                                    f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+        args.out_dir = args.out_dir or f'runs/{name}-{time.strftime("%Y%m%d-%H%M%S")}'
         if cli.holds_a_run(args.out_dir):
             parser.error(f'--out-dir {args.out_dir} already holds a run; '
                          + cli.how_to_go_on(args.out_dir))
@@ -584,7 +586,7 @@ def train_command(args, resume):
             except dataset.WriteError as e:  # a full disk: what to do once there is space
                 raise dataset.WriteError(f'{e}; once there is space, '
                                          + cli.how_to_go_on(args.out_dir)) from None
-    speed = f'{result["train_img_per_s"]:.0f} img/s, {cli.fmt_time(result["seconds"])}'
+    speed = f'{result["train_img_per_s"]:.0f} img/s, {hms(result["seconds"])}'
     if result['val_rmse'] is None:
         log(f'done: trained on all {result["n_train"]} rows for {result["epochs_run"]} epochs, '
             f'no validation ({speed}); run saved in {args.out_dir}')
