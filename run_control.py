@@ -46,13 +46,13 @@ class Signals:
 
 @contextlib.contextmanager
 def guarding(out_dir, saved):
-    """What train.py's loop runs inside: Ctrl-C and SIGTERM caught (Signals), and a file that
-    cannot be written (a full disk) ending the run with one line that also says what the run
-    folder still holds: `saved` ({'best.pt': epoch, 'last.pt': epoch}), the checkpoints written
-    before, which the failed write left intact."""
+    """What train.py's loop runs inside: Ctrl-C and SIGTERM caught (it yields Signals, whose
+    `caught` the loop reads), and a file that cannot be written (a full disk) ending the run with
+    one line that also says what the run folder still holds: `saved` ({'best.pt': epoch,
+    'last.pt': epoch}), the checkpoints written before, which the failed write left intact."""
     with Signals.catching():
         try:
-            yield
+            yield Signals
         except dataset.WriteError as e:
             kept = [f'best.pt of epoch {saved["best.pt"]} is intact'] if 'best.pt' in saved \
                 else ['no best.pt was saved']

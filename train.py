@@ -95,13 +95,13 @@ def fit(args, rows, out_dir, device, resume=None, log=print, rank=0, world=1):
     run.schedule.begin(args.time_limit, epochs_before=len(run.progress.history))
     log_start(run)
     ending = Ending.COMPLETED
-    with run_control.guarding(run.out_dir, run.saved):  # Ctrl-C, SIGTERM, a full disk
+    with run_control.guarding(run.out_dir, run.saved) as signals:  # Ctrl-C, SIGTERM, full disk
         while ending is Ending.COMPLETED and run.progress.epoch < run.schedule.epochs:
             epoch = run.progress.epoch
-            train_loss, ending = train_epoch(run, epoch)
+            train_loss, ending = train_epoch(run, epoch, signals)
             if ending is Ending.SIGNAL:
                 log(f'saved {save_last(run)} at epoch {epoch + 1} step {run.progress.step}')
-                raise SystemExit(run_control.Signals.exit_code())
+                raise SystemExit(signals.exit_code())
             scores = evaluate(run)[0] if len(rows.val) else None  # --val-frac 0: none
             improved = record_epoch(run, epoch, ending, train_loss, scores)
             save_epoch(run, epoch, improved)
@@ -218,10 +218,10 @@ def log_start(run):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_epoch(run, epoch):
+def train_epoch(run, epoch, signals):
     """One pass over the training rows in a fresh order, from run.progress.step (not 0 when
-    resumed mid-epoch), a progress line every --log-every steps; Ctrl-C, SIGTERM or the clock end
-    it after the current step. Returns (the epoch's mean training loss, why it ended)."""
+    resumed mid-epoch), a progress line every --log-every steps; Ctrl-C or SIGTERM (`signals`)
+    or the clock end it after the current step. Returns (the mean training loss, why it ended)."""
     args, rows, learner, s, p = run.args, run.rows, run.learner, run.schedule, run.progress
     order = epoch_order(run, epoch)
     if p.step == 0:  # a fresh epoch, not one resumed mid-way
@@ -245,7 +245,7 @@ def train_epoch(run, epoch):
         loss_sum += train_step(learner, x, y)
         p.step = done = step + 1
         at_line = done % args.log_every == 0 or done == s.steps_per_epoch
-        stop = stop_reason(run)
+        stop = stop_reason(run, signals)
         if at_line or (stop and run.world == 1):  # several processes agree at progress lines only
             loss, stop = read_loss(run, epoch, done, read[0], loss_sum, stop)
             read = (done, loss)
@@ -310,9 +310,9 @@ def train_step(learner, x, y):
     return loss.detach()
 
 
-def stop_reason(run):
+def stop_reason(run, signals):
     """Ending.SIGNAL after Ctrl-C or SIGTERM, Ending.TIME_LIMIT past --time-limit, else None."""
-    if run_control.Signals.caught is not None:
+    if signals.caught is not None:
         return Ending.SIGNAL
     deadline = run.schedule.deadline
     return Ending.TIME_LIMIT if deadline and time.time() > deadline else None

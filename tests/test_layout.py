@@ -44,6 +44,35 @@ def test_the_circle_check_sees_an_import_inside_a_function(tmp_path):
     assert project_imports(str(path)) == {'demo_data', 'models'}
 
 
+EPOCH = ('train_epoch', 'train_step', 'evaluate', 'record_epoch', 'save_epoch')
+
+
+def files_one_epoch_uses():
+    """The project files that the functions of one epoch in train.py (and the train.py functions
+    they call, all the way down) name: `models.save_file` counts as models."""
+    tree = ast.parse(open(FILES['train'], encoding='utf-8').read())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    todo, seen, used = list(EPOCH), set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Name) and node.id in functions:
+                todo.append(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in FILES and node.value.id != 'train':
+                used.add(node.value.id)
+    return used
+
+
+def test_one_epoch_uses_the_model_the_data_and_the_scores_only():
+    """A student reads one epoch in train.py: the model and loss (models.py), the batch and its
+    augmentation (dataset.py), the scores (metrics.py); signals reach it as an argument."""
+    assert files_one_epoch_uses() == {'models', 'dataset', 'metrics'}
+
+
 def test_sizes_a_student_reads_in_one_sitting():
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
         assert len(f.readlines()) <= 250
