@@ -258,7 +258,7 @@ def flags(parser, values, skip=(), changed_only=False):
 def how_to_go_on(out_dir):
     """What to type next for a folder that holds a run: --resume where last.pt is there, else a
     new folder (a run killed before its first last.pt has nothing to resume from); a folder that
-    holds nothing (a run that failed before its first file) takes the same command again."""
+    holds nothing (train.py's run failed before its first file) takes the same command again."""
     if os.path.exists(os.path.join(out_dir, 'last.pt')):
         return f'continue it with --resume {out_dir}, or choose a new --out-dir'
     if not holds_a_run(out_dir):
@@ -286,6 +286,9 @@ def resumed_options(parser, args, fresh_parser):
         if os.path.exists(os.path.join(args.resume, 'metrics.json')):
             parser.error(f'--resume {args.resume}: the run finished (metrics.json is there); its '
                          'best.pt is what predict.py takes')
+        if not holds_a_run(args.resume):
+            parser.error(f'--resume {args.resume}: no run is there to continue; start one with '
+                         f'--out-dir {args.resume}')
         parser.error(f'--resume {args.resume}: ' + how_to_go_on(args.resume))
     try:
         resume = models.load_checkpoint(last, resumable=True)

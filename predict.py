@@ -193,7 +193,7 @@ def photo_predictions(args, files, checkpoints, device):
     print(f'\n{"file":<{width}}  age')
     for (path, _, what), a in zip(rows, age):
         print(f'{path:<{width}}  {a:5.1f}  {what}'.rstrip() if np.isfinite(a) else
-              f'{path:<{width}}  {what}')  # 'unreadable: why'
+              f'{path:<{width}}  {what}')  # 'missing' or 'unreadable: why'
     hints = [] if args.find_face else framing_hints(files, ok)
     if hints:
         print('\nhint: these look uncropped; ages are best for faces framed like the training '

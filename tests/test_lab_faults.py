@@ -73,6 +73,16 @@ def test_a_full_disk_at_the_first_best_pt_leaves_no_folder_and_the_same_command_
     assert train.main(argv) == 0
 
 
+def test_resume_where_no_run_is_offers_to_start_one_there(tmp_path, capsys):
+    for folder in (tmp_path / 'empty', tmp_path / 'absent'):
+        (tmp_path / 'empty').mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as e:
+            train.main(['--resume', str(folder)])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f'--resume {folder}: no run is there to continue; start one with --out-dir {folder}')
+
+
 def test_a_full_disk_at_best_pt_after_a_last_pt_offers_resume(tiny_data, tmp_path, monkeypatch,
                                                                capsys, interrupt):
     out = tmp_path / 'run'
