@@ -74,8 +74,8 @@ def test_a_full_disk_at_the_first_best_pt_leaves_no_folder_and_the_same_command_
 
 
 def test_resume_where_no_run_is_offers_to_start_one_there(tmp_path, capsys):
+    (tmp_path / 'empty').mkdir()
     for folder in (tmp_path / 'empty', tmp_path / 'absent'):
-        (tmp_path / 'empty').mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as e:
             train.main(['--resume', str(folder)])
         assert e.value.code == 2
